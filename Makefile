@@ -1,0 +1,52 @@
+# Fine-tuning template. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXP    ?= digits
+ARGS   ?=
+CONFIG := configs/$(EXP).yaml
+
+.PHONY: help install train test test-fast smoke lint format clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo ""
+	@echo "  Variables: EXP=<config in configs/, default digits>  ARGS=\"<extra LightningCLI arguments>\""
+	@echo "  Example:   make train EXP=image_folder ARGS=\"--data.data_dir ../shared/data/hymenoptera --trainer.max_epochs=2\""
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project with its dev tools (quick when already done)
+
+train: $(STAMP) ## Fine-tune and test the experiment configs/$(EXP).yaml (default: EfficientNet-Lite0 on digits, offline)
+	@test -f $(CONFIG) || { echo "no experiment '$(EXP)': $(CONFIG) does not exist; choose one of: $$(ls configs/*.yaml | xargs -n1 basename | sed 's/\.yaml//' | tr '\n' ' ')"; exit 2; }
+	$(PY) scripts/train.py fit --config $(CONFIG) $(ARGS)
+
+test: $(STAMP) ## Run the whole test suite (CPU, offline; includes the tests marked slow)
+	$(PY) -m pytest
+
+test-fast: $(STAMP) ## Run the tests not marked slow
+	$(PY) -m pytest -m "not slow"
+
+smoke: $(STAMP) ## One batch of train/val/test through configs/$(EXP).yaml (fast_dev_run)
+	$(PY) scripts/train.py fit --config $(CONFIG) --trainer.fast_dev_run=true $(ARGS)
+
+lint: $(STAMP) ## Check style with ruff (lint and format)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP) ## Format and fix with ruff
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean: ## Remove runs, caches and the virtual environment
+	rm -rf runs lightning_logs wandb .pytest_cache .ruff_cache $(VENV) *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

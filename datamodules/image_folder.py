@@ -1,0 +1,241 @@
+"""Image folders in the ImageNet layout: ``<root>/<class>/<image>``, already split or split here.
+
+Two layouts are accepted:
+
+* ``data_dir/train/<class>/...``, ``data_dir/val/<class>/...`` and optionally ``data_dir/test/<class>/...``
+  (no ``test/``: the test stage uses ``val/`` and says so; no ``val/``: it is split off ``train/``);
+* ``data_dir/<class>/...``: one folder, split per class into train/val/test by fractions and a seed.
+
+Class names are the folder names of the training images, sorted; label ``i`` is ``class_names[i]``.
+Files that are not images (by extension, or, with ``verify_images``, by their header) are skipped with one warning
+that names them; an empty class folder, a folder with no images or an empty split is an error that names the folder.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from lightning import LightningDataModule
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.transforms import Augment, eval_transform, train_transform
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+Sample = tuple[Path, int]
+
+
+class ImageFileDataset(Dataset):
+    """``(path, label)`` pairs read as RGB with PIL; a file that fails to decode raises an error naming it."""
+
+    def __init__(self, samples: Sequence[Sample], transform=None):
+        self.samples, self.transform = list(samples), transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except Exception as err:  # PIL raises several unrelated types for bad files
+            raise RuntimeError(f"cannot read image {path}: {err}") from err
+        return (self.transform(image) if self.transform else image), label
+
+
+def _readable(path: Path) -> str | None:
+    """None if PIL recognises the file's header as an image, else the reason it does not."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def scan_class_folders(
+    root: Path, class_names: list[str] | None = None, verify: bool = True
+) -> tuple[list[Sample], list[str]]:
+    """List the images of ``root/<class>/**`` with their labels.
+
+    Args:
+        root: folder holding one sub-folder per class.
+        class_names: the label order to use (from the training folder); None derives it from ``root``, sorted,
+            and then every class folder must hold images. With it given, a folder not in it is an error.
+        verify: read each file's header and skip files that are not images.
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(f"no class folders in {root}: expected {root}/<class name>/<image files>")
+    derive = class_names is None
+    names = [p.name for p in folders] if derive else class_names
+    index = {name: i for i, name in enumerate(names)}
+
+    samples: list[Sample] = []
+    skipped: list[str] = []
+    for folder in folders:
+        if folder.name not in index:
+            raise ValueError(f"class folder {folder} is not one of the training classes {names}")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+        skipped += [f"{p} (not an image extension)" for p in files if p.suffix.lower() not in IMAGE_EXTENSIONS]
+        if verify and images:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                reasons = list(pool.map(_readable, images))
+            skipped += [f"{p} ({why})" for p, why in zip(images, reasons, strict=True) if why]
+            images = [p for p, why in zip(images, reasons, strict=True) if not why]
+        if derive and not images:
+            raise ValueError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        samples += [(p, index[folder.name]) for p in images]
+    if skipped:
+        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warnings.warn(f"skipped {len(skipped)} file(s) in {root} that are not readable images: {shown}", stacklevel=2)
+    if not samples:
+        raise ValueError(f"no images found in {root}")
+    return samples, names
+
+
+def split_per_class(
+    samples: Sequence[Sample], fractions: Sequence[float], seed: int
+) -> list[list[Sample]]:
+    """Split ``samples`` into ``len(fractions) + 1`` parts per class (the first part takes the remainder)."""
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    rng = random.Random(seed)
+    parts: list[list[Sample]] = [[] for _ in range(len(fractions) + 1)]
+    for label in sorted(by_class):
+        items = by_class[label]
+        rng.shuffle(items)
+        start = len(items)
+        for k, fraction in enumerate(fractions, 1):
+            count = round(len(items) * fraction)
+            parts[k] += items[start - count : start]
+            start -= count
+        parts[0] += items[:start]
+    return parts
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """Images in class folders (see the module docstring for the two layouts).
+
+    Args:
+        data_dir: root folder of the data set.
+        image_size: side length of the images fed to the model.
+        batch_size: batch size of every loader.
+        val_fraction: share of each class held out for validation when the data is not already split.
+        test_fraction: share of each class held out for testing when the data is not already split.
+        seed: seed of the split.
+        augment: training augmentation preset (``none``, ``basic``, ``randaugment``).
+        hflip: random horizontal flips in training.
+        rotation: maximum rotation in degrees in training.
+        crop_scale: area range of the training random resized crop.
+        num_workers: data-loader worker processes (image decoding runs there).
+        verify_images: read each file's header once at set-up and skip (with a warning) files that are not images.
+        predict_dir: folder of images (searched recursively) for ``predict``; None predicts on the test split.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        image_size: int = 224,
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        augment: Augment = "basic",
+        hflip: bool = True,
+        rotation: float = 10.0,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        num_workers: int = 2,
+        verify_images: bool = True,
+        predict_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.class_names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.class_names) if self.class_names else None
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "splits"):
+            return
+        hp = self.hparams
+        root = Path(hp.data_dir).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.data_dir {root} does not exist")
+        splits = self._read_splits(root)
+        for name, samples in splits.items():
+            if not samples:
+                raise ValueError(
+                    f"the {name} split of {root} is empty: adjust data.{name}_fraction or add images to {root}"
+                )
+        self.splits = splits
+
+    def _read_splits(self, root: Path) -> dict[str, list[Sample]]:
+        hp = self.hparams
+        if not (root / "train").is_dir():
+            samples, self.class_names = scan_class_folders(root, verify=hp.verify_images)
+            train, val, test = split_per_class(samples, [hp.val_fraction, hp.test_fraction], hp.seed)
+            return {"train": train, "val": val, "test": test}
+        train, self.class_names = scan_class_folders(root / "train", verify=hp.verify_images)
+        if (root / "val").is_dir():
+            val, _ = scan_class_folders(root / "val", self.class_names, verify=hp.verify_images)
+        else:
+            train, val = split_per_class(train, [hp.val_fraction], hp.seed)
+        if (root / "test").is_dir():
+            test, _ = scan_class_folders(root / "test", self.class_names, verify=hp.verify_images)
+        else:
+            warnings.warn(f"{root} has no test/ folder: the test stage evaluates on the validation images", stacklevel=2)
+            test = val
+        return {"train": train, "val": val, "test": test}
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size,
+            shuffle=shuffle,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        augment = train_transform(hp.image_size, hp.augment, hp.hflip, hp.rotation, tuple(hp.crop_scale))
+        return self._loader(ImageFileDataset(self.splits["train"], augment), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(ImageFileDataset(self.splits["val"], eval_transform(self.hparams.image_size)))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(ImageFileDataset(self.splits["test"], eval_transform(self.hparams.image_size)))
+
+    def predict_dataloader(self) -> DataLoader:
+        transform = eval_transform(self.hparams.image_size)
+        if self.hparams.predict_dir is None:
+            return self._loader(ImageFileDataset(self.splits["test"], transform))
+        folder = Path(self.hparams.predict_dir)
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"data.predict_dir {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.predict_files = files
+        return self._loader(ImageFileDataset([(p, -1) for p in files], transform))
+
+    def state_dict(self) -> dict:
+        return {"class_names": self.class_names}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.class_names = state_dict.get("class_names") or self.class_names
