@@ -56,7 +56,7 @@ def _readable(path: Path) -> str | None:
         with Image.open(path) as image:
             image.verify()
     except Exception as err:
-        return f"{type(err).__name__}: {err}"
+        return f"unreadable image: {type(err).__name__}"
     return None
 
 
@@ -82,6 +82,7 @@ def scan_class_folders(
 
     samples: list[Sample] = []
     skipped: list[str] = []
+    empty: list[Path] = []
     for folder in folders:
         if folder.name not in index:
             raise ValueError(f"class folder {folder} is not one of the training classes {names}")
@@ -93,14 +94,16 @@ def scan_class_folders(
                 reasons = list(pool.map(_readable, images))
             skipped += [f"{p} ({why})" for p, why in zip(images, reasons, strict=True) if why]
             images = [p for p, why in zip(images, reasons, strict=True) if not why]
-        if derive and not images:
-            raise ValueError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if not images:
+            empty.append(folder)
         samples += [(p, index[folder.name]) for p in images]
     if skipped:
         shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         warnings.warn(f"skipped {len(skipped)} file(s) in {root} that are not readable images: {shown}", stacklevel=2)
     if not samples:
-        raise ValueError(f"no images found in {root}")
+        raise ValueError(f"no images found in {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    if derive and empty:
+        raise ValueError(f"class folder {empty[0]} has no images: remove it or add images")
     return samples, names
 
 

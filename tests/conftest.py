@@ -1,0 +1,50 @@
+"""Shared fixtures: everything offline, on CPU, with tiny backbones and data the tests write themselves."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def write_images(folder: Path, count: int, color: tuple[int, int, int], size: int = 24, seed: int = 0) -> None:
+    """Write ``count`` small noisy JPEGs of one dominant colour into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        noise = rng.integers(-30, 30, size=(size, size, 3))
+        pixels = np.clip(np.array(color)[None, None, :] + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:03d}.jpg")
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A two-class folder (``red``, ``blue``) of 12 images each, not split."""
+    root = tmp_path / "colors"
+    write_images(root / "red", 12, (220, 30, 30), seed=1)
+    write_images(root / "blue", 12, (30, 30, 220), seed=2)
+    return root
+
+
+@pytest.fixture
+def split_image_folder(tmp_path: Path) -> Path:
+    """A three-class folder already split into ``train/``, ``val/`` and ``test/``."""
+    root = tmp_path / "split"
+    colors = {"blue": (30, 30, 220), "green": (30, 220, 30), "red": (220, 30, 30)}
+    for split, count in (("train", 8), ("val", 3), ("test", 2)):
+        for k, (name, color) in enumerate(colors.items()):
+            write_images(root / split / name, count, color, seed=10 * k + count)
+    return root
