@@ -81,7 +81,9 @@ class DigitsDataModule(LightningDataModule):
         val_share = hp.val_fraction / (1 - hp.test_fraction)
         train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=hp.seed)
 
-        augment = train_transform(hp.image_size, hp.augment, hflip=False, rotation=hp.rotation, crop_scale=hp.crop_scale)
+        augment = train_transform(
+            hp.image_size, hp.augment, hflip=False, rotation=hp.rotation, crop_scale=hp.crop_scale
+        )
         to_float = v2.ToDtype(torch.float32, scale=True)
         self.train_set = TensorImageDataset(images[train], labels[train], augment)
         self.val_set = TensorImageDataset(images[val], labels[val], to_float)

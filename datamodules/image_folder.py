@@ -107,9 +107,7 @@ def scan_class_folders(
     return samples, names
 
 
-def split_per_class(
-    samples: Sequence[Sample], fractions: Sequence[float], seed: int
-) -> list[list[Sample]]:
+def split_per_class(samples: Sequence[Sample], fractions: Sequence[float], seed: int) -> list[list[Sample]]:
     """Split ``samples`` into ``len(fractions) + 1`` parts per class (the first part takes the remainder)."""
     by_class: dict[int, list[Sample]] = {}
     for sample in samples:
@@ -200,7 +198,9 @@ class ImageFolderDataModule(LightningDataModule):
         if (root / "test").is_dir():
             test, _ = scan_class_folders(root / "test", self.class_names, verify=hp.verify_images)
         else:
-            warnings.warn(f"{root} has no test/ folder: the test stage evaluates on the validation images", stacklevel=2)
+            warnings.warn(
+                f"{root} has no test/ folder: the test stage evaluates on the validation images", stacklevel=2
+            )
             test = val
         return {"train": train, "val": val, "test": test}
 

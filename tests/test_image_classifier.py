@@ -14,8 +14,12 @@ from modules.image_classifier import ImageClassifier
 
 def _trainer(tmp_path, **kwargs) -> Trainer:
     options = dict(
-        default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     return Trainer(**(options | kwargs))
 
@@ -73,7 +77,7 @@ def test_metrics_confusion_matrix_and_best_accuracy(tmp_path, split_image_folder
     matrix = model.confusion_matrix
     assert matrix.shape == (3, 3) and matrix.sum() == 6  # every test image counted once
     assert torch.isclose(matrix.diag().sum() / matrix.sum(), torch.tensor(results["test/acc"]))
-    rows = list(csv.reader(open(tmp_path / "run" / "version_0" / "confusion_matrix.csv")))
+    rows = list(csv.reader((tmp_path / "run" / "version_0" / "confusion_matrix.csv").read_text().splitlines()))
     assert rows[0] == ["true \\ predicted", "blue", "green", "red"] and rows[3][0] == "red"
 
 
@@ -96,7 +100,14 @@ def test_parameter_groups_are_named_and_cover_every_parameter_once() -> None:
     model = ImageClassifier("resnet_tiny", num_classes=3, pretrained=False, lr=1e-3, backbone_lr=1e-4)
     optimizer = model.configure_optimizers()
     names = [g["name"] for g in optimizer.param_groups]
-    assert names == ["head", "backbone.stem", "backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4"]
+    assert names == [
+        "head",
+        "backbone.stem",
+        "backbone.layer1",
+        "backbone.layer2",
+        "backbone.layer3",
+        "backbone.layer4",
+    ]
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert lrs["head"] == 1e-3 and all(lr == 1e-4 for name, lr in lrs.items() if name != "head")
     grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
@@ -108,7 +119,10 @@ def test_normalization_is_the_backbones() -> None:
     resnet = ImageClassifier("resnet_tiny", num_classes=2, pretrained=False)
     grey = torch.full((1, 3, 2, 2), 0.5)
     assert lite.normalize(grey).abs().max() < 0.01  # TF-Lite: (x - 127) / 128
-    torch.testing.assert_close(resnet.normalize(grey)[0, :, 0, 0], (0.5 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+    torch.testing.assert_close(
+        resnet.normalize(grey)[0, :, 0, 0],
+        (0.5 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]),
+    )
 
 
 def test_overfitting_one_batch_drives_the_loss_down() -> None:

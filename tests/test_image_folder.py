@@ -37,7 +37,7 @@ def test_split_layout_and_batches(split_image_folder) -> None:
     assert all(path.parts[-3] == "test" for path, _ in dm.splits["test"])
     images, labels = next(iter(dm.val_dataloader()))
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert images.min() >= 0.0 and images.max() <= 1.0
     red = dm.class_names.index("red")
     red_images = [dm.val_dataloader().dataset[i][0] for i, (_, y) in enumerate(dm.splits["val"]) if y == red]
     assert all(img[0].mean() > img[2].mean() + 0.3 for img in red_images)  # labels follow the folder names

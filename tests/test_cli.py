@@ -1,0 +1,101 @@
+"""The LightningCLI entry point and the YAML configs: every config validates and runs (fast_dev_run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonargparse import ArgumentParser
+from lightning import Trainer
+
+from scripts.train import main
+from tests.conftest import REPO
+
+EXPERIMENTS = sorted((REPO / "configs").glob("*.yaml"))
+PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
+
+
+def _data_args(config: Path, image_folder: Path) -> list[str]:
+    """Arguments an experiment needs beyond its YAML in tests: a data folder where it asks for one."""
+    data = yaml.safe_load(config.read_text())["data"]
+    return ["--data.data_dir", str(image_folder)] if "image_folder" in data["class_path"] else []
+
+
+def test_there_are_experiments_and_the_default_exists() -> None:
+    assert REPO / "configs" / "digits.yaml" in EXPERIMENTS and len(PRESETS) >= 4
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_config_fast_dev_run(config: Path, image_folder: Path, tmp_path: Path) -> None:
+    cli = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            *_data_args(config, image_folder),
+            "--trainer.fast_dev_run=true",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
+    assert cli.trainer.state.finished
+    assert "test/acc" in cli.trainer.callback_metrics  # the test stage ran after fit
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_config_validates(preset: Path) -> None:
+    parser = ArgumentParser()
+    parser.add_class_arguments(Trainer, "trainer", fail_untyped=False)
+    parser.parse_path(str(preset))  # raises on an unknown key or a wrongly typed value
+
+
+def test_unknown_config_key_is_rejected(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_epoch: 3\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs" / "digits.yaml"), "--config", str(bad)])
+
+
+def test_help_shows_the_model_docstrings(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", "modules.image_classifier.ImageClassifier"])
+    assert exit_info.value.code == 0
+    assert "registry name of the backbone" in capsys.readouterr().out
+
+
+def test_print_config_resolves_the_experiment(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(REPO / "configs" / "digits.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["backbone"] == "efficientnet_lite0"
+    assert printed["data"]["class_path"] == "datamodules.digits.DigitsDataModule"
+
+
+def test_config_is_saved_beside_the_checkpoints_and_reruns(tmp_path: Path) -> None:
+    tiny = [
+        "--model.init_args.backbone=resnet_tiny",
+        "--model.init_args.pretrained=false",
+        "--data.init_args.image_size=16",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
+    main(["fit", "--config", str(REPO / "configs" / "digits.yaml"), *tiny])
+    run = tmp_path / "digits" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["backbone"] == "resnet_tiny"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    # The saved config alone rebuilds the experiment: test the checkpoint with it.
+    cli = main(
+        [
+            "test",
+            "--config",
+            str(run / "config.yaml"),
+            "--ckpt_path",
+            str(run / "checkpoints" / "last.ckpt"),
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'again'}",
+        ]
+    )
+    assert "test/acc" in cli.trainer.callback_metrics
