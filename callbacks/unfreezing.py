@@ -78,13 +78,13 @@ class BackboneFreezing(Callback):
         for group in self.groups:
             self._set_trainable(group, group in ever)
         changes = phases is None or len(phases) > 1
-        if changes and isinstance(trainer.strategy, DDPStrategy):
-            if not trainer.strategy._ddp_kwargs.get("find_unused_parameters", False):
-                raise ValueError(
-                    f"{type(self).__name__} changes the trainable layers during the run, which DDP allows only with "
-                    "find_unused_parameters=True: use --trainer.strategy=ddp_find_unused_parameters_true "
-                    "or configs/presets/ddp.yaml"
-                )
+        strategy = trainer.strategy
+        if changes and isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
+            raise ValueError(
+                f"{type(self).__name__} changes the trainable layers during the run, which DDP allows only with "
+                "find_unused_parameters=True: use --trainer.strategy=ddp_find_unused_parameters_true "
+                "or configs/presets/ddp.yaml"
+            )
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.current = self.trainable(trainer.current_epoch, self.groups)
@@ -172,7 +172,7 @@ class UnfreezeMilestones(BackboneFreezing):
         if unknown:
             raise ValueError(f"UnfreezeMilestones names unknown layer groups {unknown}; this backbone has {groups}")
         named = [g for g in groups if g in self.milestones]  # shallow to deep
-        for shallow, deep in zip(named, named[1:]):
+        for shallow, deep in zip(named, named[1:], strict=False):
             if self.milestones[shallow] < self.milestones[deep]:
                 raise ValueError(
                     f"UnfreezeMilestones out of order: {shallow!r} (epoch {self.milestones[shallow]}) would unfreeze "
