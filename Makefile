@@ -10,7 +10,7 @@ EXP    ?= digits
 ARGS   ?=
 CONFIG := configs/$(EXP).yaml
 
-.PHONY: help install train test test-fast smoke lint format clean
+.PHONY: help install train test test-fast smoke lint format clean plan lr-find
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,3 +50,9 @@ format: $(STAMP) ## Format and fix with ruff
 clean: ## Remove runs, caches and the virtual environment
 	rm -rf runs lightning_logs wandb .pytest_cache .ruff_cache $(VENV) *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+plan: $(STAMP) ## Print the fine-tuning plan of configs/$(EXP).yaml (phases, groups, trainable, LR) without training
+	$(PY) scripts/plan.py --config $(CONFIG) $(ARGS)
+
+lr-find: $(STAMP) ## Run Lightning's LR finder on configs/$(EXP).yaml; prints the suggestion, saves the plot as PNG
+	$(PY) scripts/lr_find.py --config $(CONFIG) $(ARGS)

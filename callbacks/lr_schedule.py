@@ -57,15 +57,20 @@ class LRSchedule(Callback):
             raise ValueError(f"LRSchedule needs warmup >= 0 and 0 <= min_ratio <= 1, got {warmup} and {min_ratio}")
         self.schedule, self.warmup, self.min_ratio = schedule, warmup, min_ratio
 
-    def total_and_warmup(self, trainer: Trainer) -> tuple[int, int]:
-        total = int(trainer.estimated_stepping_batches)
+    def warmup_steps(self, total: int) -> int:
+        """Warmup length in optimizer steps for a run of ``total`` steps; longer than the run is an error."""
         warmup = round(self.warmup * total) if self.warmup < 1 else int(self.warmup)
         if warmup >= total:
             raise ValueError(f"LRSchedule.warmup is {warmup} steps but the whole run has only {total} optimizer steps")
-        return total, warmup
+        return warmup
+
+    def factor(self, step: int, total: int) -> float:
+        """The schedule's multiplier of each group's peak LR at optimizer step ``step`` of ``total``."""
+        return lr_factor(step, total, self.warmup_steps(total), self.schedule, self.min_ratio)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._total, self._warmup = self.total_and_warmup(trainer)
+        self._total = int(trainer.estimated_stepping_batches)
+        self._warmup = self.warmup_steps(self._total)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group.setdefault("peak_lr", group["lr"])  # kept across resume: it lives in the optimizer state

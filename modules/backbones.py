@@ -170,7 +170,7 @@ def _mobilenet_v3(model: nn.Module, arch: str) -> Backbone:
     stages = _MOBILENET_V3_STAGES[arch]
     groups = {"stem": tuple(f"features.{i}." for i in stages[0])}
     groups |= {f"stage{n}": tuple(f"features.{i}." for i in idx) for n, idx in enumerate(stages[1:-1], 1)}
-    groups["head"] = (*(f"features.{i}." for i in stages[-1]), "classifier.")
+    groups["top"] = (*(f"features.{i}." for i in stages[-1]), "classifier.")
     return Backbone(model, model.classifier[0].out_features, groups)
 
 
@@ -206,7 +206,7 @@ def _efficientnet(model: nn.Module) -> Backbone:
     model.classifier = nn.Identity()
     last = len(model.features) - 1
     groups = {"stem": ("features.0.",), **{f"stage{i}": (f"features.{i}.",) for i in range(1, last)}}
-    groups["head"] = (f"features.{last}.",)
+    groups["top"] = (f"features.{last}.",)
     return Backbone(model, width, groups)
 
 
@@ -306,7 +306,7 @@ def _efficientnet_lite(model: nn.Module) -> Backbone:
             stage, previous = stage + 1, block._block_args.output_filters
             groups[f"stage{stage}"] = ()
         groups[f"stage{stage}"] += (f"_blocks.{i}.",)
-    groups["head"] = ("_conv_head.", "_bn1.")
+    groups["top"] = ("_conv_head.", "_bn1.")
     # The TF-Lite preprocessing, (x - 127) / 128 on 0..255 pixels; measured here on ants/bees photos with the ImageNet
     # head: 79% top-1 vs 65% with the torchvision ImageNet mean/std.
     tf_lite = (127 / 255,) * 3, (128 / 255,) * 3

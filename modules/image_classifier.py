@@ -124,13 +124,17 @@ class ImageClassifier(LightningModule):
         if num_classes > 5:
             metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_metrics = MetricCollection(metrics, prefix="val/")
+        # compute_groups=False: torchmetrics merges metrics whose states are equal after the first update, so a
+        # first batch with every prediction right would make F1 share top-5 accuracy's counts for the whole epoch.
+        self.val_metrics = MetricCollection(metrics, prefix="val/", compute_groups=False)
         self.test_metrics = self.val_metrics.clone(prefix="test/")
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
 
     def setup(self, stage: str) -> None:
-        """Take the number of classes and their names from the data module, or check them against it."""
-        datamodule = getattr(self.trainer, "datamodule", None)
+        self.adopt_data(getattr(self.trainer, "datamodule", None))
+
+    def adopt_data(self, datamodule) -> None:
+        """Take the number of classes and their names from ``datamodule`` (after its ``setup``), or check them."""
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes is None:
             if self.head is None:

@@ -52,7 +52,8 @@ def _print_summary(trainer, checkpoint, best: str, results: dict, wall: float) -
     print("\n".join(["", "=== summary ===", *lines]), flush=True)
 
 
-def main(args: list[str] | None = None) -> TrainCLI:
+def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
+    """Run the CLI on ``args`` (default: the command line); ``run=False`` only builds the objects (no subcommand)."""
     return TrainCLI(
         LightningModule,
         LightningDataModule,
@@ -61,6 +62,7 @@ def main(args: list[str] | None = None) -> TrainCLI:
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

@@ -88,6 +88,22 @@ def test_top5_accuracy_beyond_five_classes() -> None:
     assert list(five.val_metrics.keys()) == ["val/acc", "val/f1"]
 
 
+def test_metrics_stay_separate_when_the_first_batch_is_all_right() -> None:
+    from torchmetrics.classification import MulticlassF1Score
+
+    model = ImageClassifier("resnet_tiny", num_classes=7, pretrained=False)
+    labels = torch.arange(7)
+    right = torch.eye(7) * 5
+    second = torch.eye(7).roll(1, dims=1) * 5 + torch.eye(7) * 4  # top-1 wrong, top-5 right
+    model.val_metrics.update(right, labels)
+    model.val_metrics.update(second, labels)
+    values = model.val_metrics.compute()
+    f1 = MulticlassF1Score(7)
+    expected = f1(torch.cat([right, second]), torch.cat([labels, labels]))
+    assert values["val/acc_top5"] == 1.0 and values["val/acc"] == 0.5
+    assert values["val/f1"] == pytest.approx(expected.item()) and values["val/f1"] < 0.9
+
+
 def test_predict_step_returns_indices_and_probabilities() -> None:
     model = ImageClassifier("efficientnet_lite_tiny", num_classes=4, pretrained=False).eval()
     out = model.predict_step((torch.rand(5, 3, 32, 32), torch.zeros(5)), 0)
