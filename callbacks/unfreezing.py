@@ -67,6 +67,11 @@ class BackboneFreezing(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        strategies = [type(c).__name__ for c in trainer.callbacks if isinstance(c, BackboneFreezing)]
+        if len(strategies) > 1:
+            raise ValueError(
+                f"one freezing strategy per run, found {len(strategies)} in trainer.callbacks: {strategies}"
+            )
         self.groups = list(pl_module.layer_groups)
         self.validate(self.groups)
         self.params = split_by_group(pl_module.backbone, pl_module.layer_groups)

@@ -87,6 +87,8 @@ def test_config_is_saved_beside_the_checkpoints_and_reruns(tmp_path: Path) -> No
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["init_args"]["backbone"] == "resnet_tiny"
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"lr-AdamW/head", "lr-AdamW/backbone.stem", "lr-AdamW/backbone.layer4.no_wd"} <= set(header)
     # The saved config alone rebuilds the experiment: test the checkpoint with it.
     cli = main(
         [
@@ -99,3 +101,26 @@ def test_config_is_saved_beside_the_checkpoints_and_reruns(tmp_path: Path) -> No
         ]
     )
     assert "test/acc" in cli.trainer.callback_metrics
+
+
+def test_optimizer_is_chosen_in_the_config_and_gets_the_named_groups(tmp_path: Path) -> None:
+    sgd = tmp_path / "sgd.yaml"
+    sgd.write_text(
+        "model:\n  init_args:\n    optimizer:\n      class_path: torch.optim.SGD\n"
+        "      init_args:\n        momentum: 0.9\n        nesterov: true\n"
+    )
+    cli = main(
+        [
+            "--config",
+            str(REPO / "configs" / "digits.yaml"),
+            "--config",
+            str(sgd),
+            "--model.init_args.num_classes=10",
+            "--model.init_args.backbone=resnet_tiny",
+        ],
+        run=False,
+    )
+    optimizer = cli.model.configure_optimizers()
+    assert type(optimizer).__name__ == "SGD"
+    assert {g["momentum"] for g in optimizer.param_groups} == {0.9}
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups}["backbone.layer1"] == 0.002

@@ -22,9 +22,15 @@ TINY = [
 ]
 
 
-def test_plan_prints_each_phase_with_trainable_groups_and_scheduled_lrs() -> None:
-    phases = plan(["--config", str(REPO / "configs" / "digits.yaml"), *TINY])
-    # digits.yaml: GradualUnfreezing(start_epoch=1, groups_per_epoch=3), 6 epochs of 20 steps, warmup 10%.
+def test_plan_prints_each_phase_with_trainable_groups_and_scheduled_lrs(tmp_path) -> None:
+    config = (REPO / "configs" / "digits.yaml").read_text()
+    config = config.replace(
+        "class_path: callbacks.unfreezing.FreezeUnfreeze", "class_path: callbacks.unfreezing.GradualUnfreezing"
+    )
+    config = config.replace("unfreeze_epoch: 1", "groups_per_epoch: 3")
+    (tmp_path / "gradual.yaml").write_text(config)
+    phases = plan(["--config", str(tmp_path / "gradual.yaml"), *TINY])
+    # 6 epochs of 20 steps, warmup 10%, GradualUnfreezing from epoch 1 with 3 groups per epoch.
     assert [p["epoch"] for p in phases] == [0, 1, 2]
     first, second, third = (p["groups"] for p in phases)
     assert [g for g, row in first.items() if row["trainable"]] == ["head"]
@@ -40,6 +46,11 @@ def test_plan_prints_each_phase_with_trainable_groups_and_scheduled_lrs() -> Non
     assert third["head"]["lr"] == pytest.approx(0.005 * lr_factor(40, 120, 12))
     model = ImageClassifier("resnet_tiny", num_classes=10, pretrained=False)
     assert sum(row["params"] for row in first.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_plan_of_the_default_recipe() -> None:
+    phases = plan(["--config", str(REPO / "configs" / "digits.yaml"), *TINY])
+    assert [(p["epoch"], sum(r["trainable"] for r in p["groups"].values())) for p in phases] == [(0, 1), (1, 6)]
 
 
 class _Recording(ImageClassifier):

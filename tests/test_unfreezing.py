@@ -242,3 +242,8 @@ def test_ddp_without_find_unused_parameters_is_refused(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match="find_unused_parameters=True"):
         trainer.fit(model, Blobs())
+
+
+def test_two_freezing_strategies_are_an_error(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"one freezing strategy per run, found 2 .*\['Freeze', 'GradualUnfreezing'\]"):
+        _fit(tmp_path, Freeze(), extra=[GradualUnfreezing()])
