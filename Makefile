@@ -10,7 +10,7 @@ EXP    ?= digits
 ARGS   ?=
 CONFIG := configs/$(EXP).yaml
 
-.PHONY: help install train test test-fast smoke lint format clean plan lr-find
+.PHONY: help install train test test-fast smoke lint format clean plan lr-find bench
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the project with its dev tools (quick when already done)
 
-train: $(STAMP) ## Fine-tune and test the experiment configs/$(EXP).yaml (default: EfficientNet-Lite0 on digits, offline)
+train: $(STAMP) ## Fine-tune and test the experiment configs/<EXP>.yaml (default: EfficientNet-Lite0 on digits, offline)
 	@test -f $(CONFIG) || { echo "no experiment '$(EXP)': $(CONFIG) does not exist; choose one of: $$(ls configs/*.yaml | xargs -n1 basename | sed 's/\.yaml//' | tr '\n' ' ')"; exit 2; }
 	$(PY) scripts/train.py fit --config $(CONFIG) $(ARGS)
 
@@ -36,7 +36,7 @@ test: $(STAMP) ## Run the whole test suite (CPU, offline; includes the tests mar
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(PY) -m pytest -m "not slow"
 
-smoke: $(STAMP) ## One batch of train/val/test through configs/$(EXP).yaml (fast_dev_run)
+smoke: $(STAMP) ## One batch of train/val/test through configs/<EXP>.yaml (fast_dev_run)
 	$(PY) scripts/train.py fit --config $(CONFIG) --trainer.fast_dev_run=true $(ARGS)
 
 lint: $(STAMP) ## Check style with ruff (lint and format)
@@ -51,8 +51,11 @@ clean: ## Remove runs, caches and the virtual environment
 	rm -rf runs lightning_logs wandb .pytest_cache .ruff_cache $(VENV) *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
-plan: $(STAMP) ## Print the fine-tuning plan of configs/$(EXP).yaml (phases, groups, trainable, LR) without training
+plan: $(STAMP) ## Print the fine-tuning plan of configs/<EXP>.yaml (phases, groups, trainable, LR) without training
 	$(PY) scripts/plan.py --config $(CONFIG) $(ARGS)
 
-lr-find: $(STAMP) ## Run Lightning's LR finder on configs/$(EXP).yaml; prints the suggestion, saves the plot as PNG
+lr-find: $(STAMP) ## Run Lightning's LR finder on configs/<EXP>.yaml; prints the suggestion, saves the plot as PNG
 	$(PY) scripts/lr_find.py --config $(CONFIG) $(ARGS)
+
+bench: $(STAMP) ## Run the benchmarks (both sides of each comparison in one process) and print JSON
+	$(PY) scripts/bench.py $(ARGS)
