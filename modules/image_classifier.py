@@ -135,6 +135,10 @@ class ImageClassifier(LightningModule):
 
     def adopt_data(self, datamodule) -> None:
         """Take the number of classes and their names from ``datamodule`` (after its ``setup``), or check them."""
+        image_size = getattr(datamodule, "hparams", {}).get("image_size")
+        if self.input_size and image_size and image_size != self.input_size:
+            name, size = self.hparams.backbone, self.input_size
+            raise ValueError(f"backbone {name} takes {size} px images but data.image_size is {image_size}")
         data_classes = getattr(datamodule, "num_classes", None)
         if data_classes is None:
             if self.head is None:

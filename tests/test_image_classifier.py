@@ -43,6 +43,12 @@ def test_num_classes_disagreeing_with_the_data_is_an_error(tmp_path, split_image
         _trainer(tmp_path, max_steps=1).fit(model, _data(split_image_folder))
 
 
+def test_fixed_size_backbone_rejects_another_image_size(tmp_path, split_image_folder) -> None:
+    model = ImageClassifier("vit_tiny", pretrained=False)
+    with pytest.raises(ValueError, match="backbone vit_tiny takes 32 px images but data.image_size is 16"):
+        _trainer(tmp_path, max_steps=1).fit(model, ImageFolderDataModule(str(split_image_folder), image_size=16))
+
+
 def test_class_names_and_num_classes_must_agree() -> None:
     with pytest.raises(ValueError, match="num_classes is 3 but model.class_names has 2 names"):
         ImageClassifier("resnet_tiny", num_classes=3, class_names=["a", "b"], pretrained=False)
