@@ -10,6 +10,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from datamodules.loaders import make_loader
 from datamodules.transforms import Augment, train_transform
 
 
@@ -90,15 +91,7 @@ class DigitsDataModule(LightningDataModule):
         self.test_set = TensorImageDataset(images[test], labels[test], to_float)
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size,
-            shuffle=shuffle,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return make_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

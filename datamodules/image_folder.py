@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 from lightning import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.loaders import make_loader
 from datamodules.transforms import Augment, eval_transform, train_transform
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -205,15 +205,7 @@ class ImageFolderDataModule(LightningDataModule):
         return {"train": train, "val": val, "test": test}
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size,
-            shuffle=shuffle,
-            num_workers=hp.num_workers,
-            persistent_workers=hp.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return make_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
