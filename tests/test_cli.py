@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from jsonargparse import ArgumentParser
 from lightning import Trainer
@@ -101,6 +102,19 @@ def test_config_is_saved_beside_the_checkpoints_and_reruns(tmp_path: Path) -> No
         ]
     )
     assert "test/acc" in cli.trainer.callback_metrics
+    cli = main(
+        [
+            "predict",
+            "--config",
+            str(run / "config.yaml"),
+            "--ckpt_path",
+            str(run / "checkpoints" / "last.ckpt"),
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'again'}",
+            "--trainer.limit_predict_batches=1",
+        ]
+    )
+    (batch,) = cli.trainer.predict_loop.predictions
+    assert batch["probs"].shape == (64, 10) and torch.equal(batch["pred"], batch["probs"].argmax(-1))
 
 
 def test_optimizer_is_chosen_in_the_config_and_gets_the_named_groups(tmp_path: Path) -> None:
