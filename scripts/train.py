@@ -12,10 +12,14 @@ tested (``--test_after_fit=false`` to skip) and a short summary is printed.
 from __future__ import annotations
 
 import time
+import warnings
 
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per run: noise, not a user's concern.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 class TrainCLI(LightningCLI):
