@@ -1,0 +1,341 @@
+"""Text classification data: CSV, TSV, JSON or JSONL files (or a Hugging Face dataset), tokenized once and cached.
+
+* Columns are configurable: the text, an optional second text (sentence pairs) and the label (names or integers).
+  The label set comes from the training split, sorted (numerically when every label is an integer), and is saved with
+  the checkpoint through the model's ``class_names``.
+* Tokenization runs once per file content, tokenizer and ``max_length``: the token ids are cached under
+  ``cache_dir`` and reused by later runs (a changed file, tokenizer or length is a different key).
+* Batches are padded to their longest sequence, not to ``max_length``; ``group_by_length`` batches texts of similar
+  length together for training (transformers' ``LengthGroupedSampler``), which cuts the padding further.
+
+Bad input: a missing column (the error lists the columns that exist), bytes that are not UTF-8 (file and line), an
+empty file, and a val/test label unknown to the training split are errors; empty or whitespace-only texts are
+skipped with one warning that counts them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from lightning import LightningDataModule
+from lightning.fabric.utilities.data import AttributeDict
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.loaders import make_loader
+
+Row = dict[str, str]
+
+
+def tokenizer_path(name: str) -> str:
+    """Where the tokenizer of a ``TextClassifier`` encoder name lives (the same names as ``model.encoder``)."""
+    from modules.text_encoder import minilm_path
+
+    return str(minilm_path()) if name in ("all-minilm-l6-v2", "bert-tiny") else name
+
+
+def read_rows(path: Path, column_names: list[str] | None = None) -> list[Row]:
+    """Read a CSV, TSV, JSON (a list of objects) or JSONL file into rows of strings keyed by column name.
+
+    Args:
+        path: the file; its suffix picks the format.
+        column_names: names for the columns of a CSV/TSV file that has no header row.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path} line {line}: bytes that are not UTF-8 ({data[err.start : err.start + 4]!r})"
+        ) from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        # TSV: no quoting (SST-2 sentences hold bare quotes); CSV: standard quoting.
+        options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+        reader = csv.reader(io.StringIO(text), **options)
+        records = [r for r in reader if r]
+        header, body = (column_names, records) if column_names else (records[0], records[1:])
+        rows = [dict(zip(header, r, strict=False)) for r in body]
+    elif suffix == ".jsonl":
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    elif suffix == ".json":
+        loaded = json.loads(text)
+        rows = loaded.get("data", loaded) if isinstance(loaded, dict) else loaded
+    else:
+        raise ValueError(f"{path}: unknown format {suffix!r}; use .csv, .tsv, .json or .jsonl")
+    if not rows:
+        raise ValueError(f"{path} has no data rows")
+    return [{k: ("" if v is None else str(v)) for k, v in row.items()} for row in rows]
+
+
+class TokenizedDataset(Dataset):
+    """Token ids held as one flat tensor with offsets (compact to cache), and labels."""
+
+    def __init__(self, flat: dict[str, torch.Tensor], offsets: torch.Tensor, labels: torch.Tensor):
+        self.flat, self.offsets, self.labels = flat, offsets, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def lengths(self) -> list[int]:
+        return (self.offsets[1:] - self.offsets[:-1]).tolist()
+
+    def __getitem__(self, i: int) -> dict:
+        start, end = self.offsets[i].item(), self.offsets[i + 1].item()
+        item = {key: values[start:end].tolist() for key, values in self.flat.items()}
+        item["labels"] = self.labels[i]
+        return item
+
+
+class TextClassificationDataModule(LightningDataModule):
+    """Labelled texts from files in ``data_dir`` (or a Hugging Face dataset), tokenized once and cached.
+
+    Args:
+        data_dir: folder of the files; None with ``hf_dataset``.
+        train_file: training file name in ``data_dir``.
+        val_file: validation file name; None splits ``val_fraction`` off the training file.
+        test_file: test file name; None tests on the validation split.
+        text_column: column of the text.
+        text_pair_column: column of the second text of sentence pairs, or None.
+        label_column: column of the label (a name or an integer; several joined by ``label_separator`` when
+            ``multi_label``).
+        column_names: column names for CSV/TSV files without a header row.
+        multi_label: each text has a set of labels.
+        label_separator: separator of the labels of one text when ``multi_label``.
+        hf_dataset: a Hugging Face ``datasets`` name (``imdb``, ``glue``, ``ag_news``; needs internet).
+        hf_config: its configuration (``sst2`` for ``glue``).
+        tokenizer: the model's encoder name (``all-minilm-l6-v2``, ``bert-tiny``, a hub name or a folder).
+        max_length: longest sequence in tokens; longer texts are truncated.
+        batch_size: batch size of every loader.
+        group_by_length: batch training texts of similar length together (less padding).
+        val_fraction: share of the training file held out when there is no ``val_file``.
+        seed: seed of that split.
+        cache_dir: where tokenized files are cached.
+        num_workers: data-loader workers (the data is in memory: 0 is usually fastest).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        train_file: str = "train.tsv",
+        val_file: str | None = "dev.tsv",
+        test_file: str | None = None,
+        text_column: str = "sentence",
+        text_pair_column: str | None = None,
+        label_column: str = "label",
+        column_names: list[str] | None = None,
+        multi_label: bool = False,
+        label_separator: str = "|",
+        hf_dataset: str | None = None,
+        hf_config: str | None = None,
+        tokenizer: str = "all-minilm-l6-v2",
+        max_length: int = 128,
+        batch_size: int = 32,
+        group_by_length: bool = True,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        cache_dir: str = ".cache/tokenized",
+        num_workers: int = 0,
+    ):
+        # Our own record of these arguments: under LightningCLI, `hparams` holds only those of the class the config
+        # names, which for a subclass are not these.
+        options = AttributeDict({k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        super().__init__()
+        self.save_hyperparameters()
+        self.options = options
+        self.class_names: list[str] | None = None
+        self.cache_hits = 0
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.class_names) if self.class_names else None
+
+    def load_splits(self) -> dict[str, tuple[list[Row], str]]:
+        """The raw rows of each split with a name for messages; subclasses may read other sources."""
+        hp = self.options
+        if hp.hf_dataset:
+            return self._load_hf()
+        if hp.data_dir is None:
+            raise ValueError("give data.data_dir (a folder of files) or data.hf_dataset (a Hugging Face dataset name)")
+        root = Path(hp.data_dir).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.data_dir {root} does not exist")
+        splits = {}
+        for split, name in (("train", hp.train_file), ("val", hp.val_file), ("test", hp.test_file)):
+            if name is not None:
+                path = root / name
+                if not path.is_file():
+                    raise FileNotFoundError(f"data.{split}_file {path} does not exist")
+                splits[split] = (read_rows(path, hp.column_names), str(path))
+        return splits
+
+    def _load_hf(self) -> dict[str, tuple[list[Row], str]]:
+        from datasets import load_dataset
+
+        hp = self.options
+        loaded = load_dataset(hp.hf_dataset, hp.hf_config)
+        names = getattr(loaded["train"].features.get(hp.label_column), "names", None)
+
+        def rows(split: str) -> list[Row]:
+            def label(v):
+                return names[v] if names and isinstance(v, int) and v >= 0 else v
+
+            return [{k: str(label(v) if k == hp.label_column else v) for k, v in r.items()} for r in loaded[split]]
+
+        splits = {"train": (rows("train"), f"{hp.hf_dataset}:train")}
+        if "validation" in loaded:
+            splits["val"] = (rows("validation"), f"{hp.hf_dataset}:validation")
+        if "test" in loaded:
+            test = rows("test")
+            if any(r[hp.label_column] != "-1" for r in test):  # GLUE hides its test labels as -1
+                splits["test" if "val" in splits else "val"] = (test, f"{hp.hf_dataset}:test")
+        return splits
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "datasets"):
+            return
+        from transformers import AutoTokenizer
+
+        hp = self.options
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(hp.tokenizer))
+        raw = self.load_splits()
+        rows = {split: self._clean(rows, where) for split, (rows, where) in raw.items()}
+        if "val" not in rows:
+            rows["train"], rows["val"] = self._split_off(rows["train"])
+            raw["val"] = ("", raw["train"][1] + " (held out)")
+        self.class_names = self._label_names(rows["train"])
+        self.datasets = {split: self._tokenize(split_rows, raw[split][1]) for split, split_rows in rows.items()}
+        self.datasets.setdefault("test", self.datasets["val"])
+
+    def _clean(self, rows: list[Row], where: str) -> list[Row]:
+        hp = self.options
+        needed = [c for c in (hp.text_column, hp.text_pair_column, hp.label_column) if c]
+        missing = [c for c in needed if c not in rows[0]]
+        if missing:
+            raise ValueError(f"{where}: no column {missing[0]!r}; its columns are {list(rows[0])}")
+        kept = [r for r in rows if r.get(hp.text_column, "").strip()]
+        if len(kept) < len(rows):
+            warnings.warn(f"{where}: skipped {len(rows) - len(kept)} row(s) with empty text", stacklevel=2)
+        if not kept:
+            raise ValueError(f"{where}: every row has an empty {hp.text_column!r}")
+        return kept
+
+    def _split_off(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.options.seed)).tolist()
+        count = max(1, round(len(rows) * self.options.val_fraction))
+        return [rows[i] for i in order[count:]], [rows[i] for i in order[:count]]
+
+    def _labels_of(self, row: Row) -> list[str]:
+        value = row[self.options.label_column].strip()
+        if self.options.multi_label:
+            return [v.strip() for v in value.split(self.options.label_separator) if v.strip()]
+        return [value]
+
+    def _label_names(self, rows: list[Row]) -> list[str]:
+        names = {label for row in rows for label in self._labels_of(row)}
+        numeric = all(n.lstrip("-").isdigit() for n in names)
+        return sorted(names, key=int) if numeric else sorted(names)
+
+    def _encode_labels(self, rows: list[Row], where: str) -> torch.Tensor:
+        index = {name: i for i, name in enumerate(self.class_names)}
+        encoded = []
+        for row_number, row in enumerate(rows, 1):
+            labels = self._labels_of(row)
+            unknown = [label for label in labels if label not in index]
+            if unknown:
+                known = self.class_names
+                raise ValueError(
+                    f"{where} row {row_number}: label {unknown[0]!r} is not among the training labels {known}"
+                )
+            encoded.append([index[label] for label in labels])
+        if self.options.multi_label:
+            targets = torch.zeros(len(rows), len(self.class_names))
+            for i, labels in enumerate(encoded):
+                targets[i, labels] = 1.0
+            return targets
+        return torch.tensor([labels[0] for labels in encoded])
+
+    def _cache_key(self, rows: list[Row]) -> str:
+        hp = self.options
+        digest = hashlib.sha256()
+        tok = self.tokenizer
+        for part in (
+            type(tok).__name__,
+            tok.name_or_path,
+            str(len(tok)),
+            str(hp.max_length),
+            hp.text_column,
+            str(hp.text_pair_column),
+        ):
+            digest.update(part.encode() + b"\0")
+        for row in rows:
+            digest.update(row[hp.text_column].encode() + b"\0")
+            if hp.text_pair_column:
+                digest.update(row[hp.text_pair_column].encode() + b"\0")
+        return digest.hexdigest()[:24]
+
+    def _tokenize(self, rows: list[Row], where: str) -> TokenizedDataset:
+        hp = self.options
+        labels = self._encode_labels(rows, where)
+        cache = Path(hp.cache_dir) / f"{self._cache_key(rows)}.pt"
+        if cache.is_file():
+            stored = torch.load(cache, weights_only=True)
+            self.cache_hits += 1
+            return TokenizedDataset(stored["flat"], stored["offsets"], labels)
+        texts = [r[hp.text_column] for r in rows]
+        pairs = [r[hp.text_pair_column] for r in rows] if hp.text_pair_column else None
+        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=hp.max_length)
+        keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
+        lengths = torch.tensor([len(ids) for ids in encoded["input_ids"]])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        flat = {k: torch.tensor([t for seq in encoded[k] for t in seq], dtype=torch.int32) for k in keys}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(".tmp")
+        torch.save({"flat": flat, "offsets": offsets}, partial)
+        partial.replace(cache)  # atomic: a run stopped mid-write never leaves a broken cache entry
+        return TokenizedDataset(flat, offsets, labels)
+
+    def _collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        labels = torch.stack([f.pop("labels") for f in features])
+        batch = self.collator(features)
+        batch["labels"] = labels
+        return batch
+
+    @property
+    def collator(self):
+        if not hasattr(self, "_collator"):
+            from transformers import DataCollatorWithPadding
+
+            self._collator = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
+        return self._collator
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        hp = self.options
+        dataset = self.datasets[split]
+        if train and hp.group_by_length:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            generator = torch.Generator().manual_seed(hp.seed)  # advances every epoch: a new grouping each time
+            sampler = LengthGroupedSampler(hp.batch_size, lengths=dataset.lengths(), generator=generator)
+            return make_loader(dataset, hp.batch_size, hp.num_workers, sampler=sampler, collate_fn=self._collate)
+        return make_loader(dataset, hp.batch_size, hp.num_workers, shuffle=train, collate_fn=self._collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

