@@ -120,6 +120,7 @@ class TextClassificationDataModule(LightningDataModule):
         seed: seed of that split.
         cache_dir: where tokenized files are cached.
         num_workers: data-loader workers (the data is in memory: 0 is usually fastest).
+        max_train_samples: keep only this many training rows (a seeded sample), for quick runs and benchmarks.
     """
 
     def __init__(
@@ -144,6 +145,7 @@ class TextClassificationDataModule(LightningDataModule):
         seed: int = 0,
         cache_dir: str = ".cache/tokenized",
         num_workers: int = 0,
+        max_train_samples: int | None = None,
     ):
         # Our own record of these arguments: under LightningCLI, `hparams` holds only those of the class the config
         # names, which for a subclass are not these.
@@ -211,6 +213,9 @@ class TextClassificationDataModule(LightningDataModule):
         if "val" not in rows:
             rows["train"], rows["val"] = self._split_off(rows["train"])
             raw["val"] = ("", raw["train"][1] + " (held out)")
+        if hp.max_train_samples is not None and hp.max_train_samples < len(rows["train"]):
+            order = torch.randperm(len(rows["train"]), generator=torch.Generator().manual_seed(hp.seed))
+            rows["train"] = [rows["train"][i] for i in sorted(order[: hp.max_train_samples].tolist())]
         self.class_names = self._label_names(rows["train"])
         self.datasets = {split: self._tokenize(split_rows, raw[split][1]) for split, split_rows in rows.items()}
         self.datasets.setdefault("test", self.datasets["val"])

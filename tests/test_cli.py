@@ -17,10 +17,24 @@ EXPERIMENTS = sorted((REPO / "configs").glob("*.yaml"))
 PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
 
 
-def _data_args(config: Path, image_folder: Path) -> list[str]:
+def _data_args(config: Path, image_folder: Path, tmp_path: Path) -> list[str]:
     """Arguments an experiment needs beyond its YAML in tests: a data folder where it asks for one."""
     data = yaml.safe_load(config.read_text())["data"]
-    return ["--data.data_dir", str(image_folder)] if "image_folder" in data["class_path"] else []
+    if "image_folder" in data["class_path"]:
+        return ["--data.data_dir", str(image_folder)]
+    if "text" not in data["class_path"] and "chatterbot" not in data["class_path"]:
+        return []
+    cache = ["--data.init_args.cache_dir", str(tmp_path / "cache")]
+    if "chatterbot" in data["class_path"]:
+        return cache
+    args = data["init_args"]
+    header = args.get("column_names") is None
+    for name in (args.get("train_file"), args.get("val_file"), args.get("test_file")):
+        if name:  # a few rows in the file layout the experiment expects
+            rows = [f"a fine day {i}\t{'yes' if i % 2 else 'no'}" for i in range(8)]
+            head = [f"{args['text_column']}\t{args['label_column']}"] if header else []
+            (tmp_path / name).write_text("\n".join(head + rows) + "\n")
+    return ["--data.data_dir", str(tmp_path), *cache]
 
 
 def test_there_are_experiments_and_the_default_exists() -> None:
@@ -34,7 +48,7 @@ def test_experiment_config_fast_dev_run(config: Path, image_folder: Path, tmp_pa
             "fit",
             "--config",
             str(config),
-            *_data_args(config, image_folder),
+            *_data_args(config, image_folder, tmp_path),
             "--trainer.fast_dev_run=true",
             f"--trainer.default_root_dir={tmp_path}",
         ]
