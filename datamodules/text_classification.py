@@ -76,6 +76,14 @@ def read_rows(path: Path, column_names: list[str] | None = None) -> list[Row]:
     return [{k: ("" if v is None else str(v)) for k, v in row.items()} for row in rows]
 
 
+def sample_rows(rows: list[Row], count: int, seed: int) -> list[Row]:
+    """A seeded sample of ``count`` rows, in their original order (all of them if there are fewer)."""
+    if count >= len(rows):
+        return rows
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+    return [rows[i] for i in sorted(order[:count].tolist())]
+
+
 class TokenizedDataset(Dataset):
     """Token ids held as one flat tensor with offsets (compact to cache), and labels."""
 
@@ -213,9 +221,8 @@ class TextClassificationDataModule(LightningDataModule):
         if "val" not in rows:
             rows["train"], rows["val"] = self._split_off(rows["train"])
             raw["val"] = ("", raw["train"][1] + " (held out)")
-        if hp.max_train_samples is not None and hp.max_train_samples < len(rows["train"]):
-            order = torch.randperm(len(rows["train"]), generator=torch.Generator().manual_seed(hp.seed))
-            rows["train"] = [rows["train"][i] for i in sorted(order[: hp.max_train_samples].tolist())]
+        if hp.max_train_samples is not None:
+            rows["train"] = sample_rows(rows["train"], hp.max_train_samples, hp.seed)
         self.class_names = self._label_names(rows["train"])
         self.datasets = {split: self._tokenize(split_rows, raw[split][1]) for split, split_rows in rows.items()}
         self.datasets.setdefault("test", self.datasets["val"])

@@ -184,3 +184,30 @@ def test_multi_label_targets_and_loss(text_dir: Path) -> None:
     assert model.loss(model(inputs), labels).ndim == 0
     out = model.predict_step(batch, 0)
     assert out["pred"].shape == (4, 3) and out["pred"].dtype == torch.bool
+
+
+def test_sentence_pairs_get_segment_ids(tmp_path: Path) -> None:
+    rows = ["premise\thypothesis\tlabel", "a man sleeps\ta person rests\tyes", "a dog runs\ta cat sits\tno"]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dev.tsv").write_text("\n".join(rows) + "\n")
+    dm = _data(tmp_path, text_column="premise", text_pair_column="hypothesis")
+    item = dm.datasets["train"][0]
+    assert 1 in item["token_type_ids"] and item["token_type_ids"][0] == 0
+    assert item["input_ids"].count(102) == 2  # [CLS] premise [SEP] hypothesis [SEP]
+
+
+def test_overfitting_one_batch_drives_the_loss_down() -> None:
+    torch.manual_seed(0)
+    model = TextClassifier("bert-tiny", num_classes=3, dropout=0.0, lr=1e-2, backbone_lr=1e-2, weight_decay=0.0)
+    ids = torch.randint(1000, 2000, (6, 10))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    optimizer = model.configure_optimizers()
+    losses = []
+    for _ in range(40):
+        loss = model.loss(model(inputs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0]
