@@ -103,6 +103,18 @@ class TextClassifier(Classifier):
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
         return self.head(pooled)
 
+    def predict_file(self, path: str, text_column: str = "sentence", text_pair_column: str | None = None) -> list[dict]:
+        """Classify the texts of a CSV, TSV, JSON or JSONL file (see :meth:`predict_texts` for the results)."""
+        from pathlib import Path
+
+        from datamodules.text_classification import read_rows
+
+        rows = read_rows(Path(path))
+        if text_column not in rows[0]:
+            raise ValueError(f"{path}: no column {text_column!r}; its columns are {list(rows[0])}")
+        pairs = [r[text_pair_column] for r in rows] if text_pair_column else None
+        return self.predict_texts([r[text_column] for r in rows], pairs)
+
     @torch.no_grad()
     def predict_texts(
         self, texts: list[str], pairs: list[str] | None = None, max_length: int = 128, batch_size: int = 64

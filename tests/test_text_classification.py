@@ -166,6 +166,10 @@ def test_tiny_bert_learns_labels_survive_a_checkpoint_and_predict_strings(text_d
     predictions = restored.predict_texts(["i loved it", "boring and far too long"])
     assert [p["label"] for p in predictions] == ["pos", "neg"]
     assert all(abs(sum(p["probs"].values()) - 1) < 1e-5 and p["score"] > 0.5 for p in predictions)
+    (tmp_path / "inbox.jsonl").write_text('{"text": "superb acting"}\n{"text": "a waste of time"}\n')
+    assert [p["label"] for p in restored.predict_file(str(tmp_path / "inbox.jsonl"), "text")] == ["pos", "neg"]
+    with pytest.raises(ValueError, match="no column 'sentence'; its columns are \\['text'\\]"):
+        restored.predict_file(str(tmp_path / "inbox.jsonl"))
 
 
 def test_multi_label_targets_and_loss(text_dir: Path) -> None:
