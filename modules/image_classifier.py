@@ -11,9 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from modules.backbones import build_backbone
-from modules.classifier import ClassificationHead, Classifier, write_confusion_csv
-
-__all__ = ["ClassificationHead", "ImageClassifier", "Normalize", "write_confusion_csv"]
+from modules.classifier import Classifier
 
 
 class Normalize(nn.Module):

@@ -87,11 +87,10 @@ class TextClassifier(Classifier):
         super().adopt_data(datamodule)
 
     def split_batch(self, batch: dict) -> tuple[dict, torch.Tensor]:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return inputs, batch["labels"]
+        return batch, batch["labels"]  # forward ignores the labels key
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Map tokenized inputs (``input_ids``, ``attention_mask``, ...) to logits ``(B, num_classes)``."""
+        """Map tokenized inputs (``input_ids``, ``attention_mask``, ...; a ``labels`` key is ignored) to logits."""
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
         out = self.backbone(**inputs)
         if self.hparams.pooling == "pooler":

@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 
 from modules.backbones import build_backbone
-from modules.image_classifier import ClassificationHead
+from modules.classifier import ClassificationHead
 from modules.param_groups import build_param_groups, layer_lrs
 
 
