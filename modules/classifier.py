@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
 from torch import nn
 from torchmetrics import MaxMetric, MetricCollection
 from torchmetrics.classification import (
@@ -21,7 +20,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from modules.param_groups import build_param_groups
+from modules.finetune import FineTuneModule
 
 
 class ClassificationHead(nn.Sequential):
@@ -43,7 +42,7 @@ class ClassificationHead(nn.Sequential):
         super().__init__(*layers)
 
 
-class Classifier(LightningModule):
+class Classifier(FineTuneModule):
     """Base class. Subclasses call ``save_hyperparameters`` (with at least ``num_classes``, ``class_names``,
     ``dropout``, ``hidden_dim``, ``label_smoothing``, the LR settings and optionally ``multi_label``), set
     ``backbone``, ``layer_groups``, ``num_features`` and ``optimizer``, call :meth:`init_classes`, and define
@@ -170,10 +169,6 @@ class Classifier(LightningModule):
         if log_dir and self.trainer.is_global_zero:
             write_confusion_csv(self.confusion_matrix, self.hparams.class_names, Path(log_dir) / "confusion_matrix.csv")
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The weights are in the state dict: rebuilding from this checkpoint must not download or read them again.
-        checkpoint["hyper_parameters"] |= {"pretrained": False, "backbone_checkpoint": None}
-
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """``{"pred": class indices (B,), "probs": (B, C)}``; multi-label: ``pred`` is ``probs > 0.5``, (B, C)."""
         inputs = batch[0] if isinstance(batch, list | tuple) else batch
@@ -183,14 +178,6 @@ class Classifier(LightningModule):
             return {"pred": probs > 0.5, "probs": probs}
         probs = logits.softmax(dim=-1)
         return {"pred": probs.argmax(dim=-1), "probs": probs}
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        backbone_lr = hp.backbone_lr if hp.backbone_lr is not None else hp.lr * hp.backbone_lr_ratio
-        groups = build_param_groups(
-            self.backbone, self.layer_groups, self.head, hp.lr, backbone_lr, hp.layer_decay, hp.weight_decay
-        )
-        return self.optimizer(groups)
 
 
 def write_confusion_csv(matrix: torch.Tensor, class_names: list[str] | None, path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from modules.classifier import Classifier
-from modules.text_encoder import build_text_encoder
+from modules.text_encoder import build_text_encoder, drop_pooler
 
 Pooling = Literal["cls", "pooler", "mean"]
 
@@ -66,12 +66,10 @@ class TextClassifier(Classifier):
         spec = build_text_encoder(encoder, pretrained=pretrained)
         if pooling == "pooler" and getattr(spec.module, "pooler", None) is None:
             raise ValueError(f"model.pooling is 'pooler' but encoder {encoder!r} has no pooler; use cls or mean")
+        if pooling != "pooler":
+            spec = drop_pooler(spec)
         self.backbone = spec.module
         self.layer_groups = spec.layer_groups
-        if pooling != "pooler" and getattr(self.backbone, "pooler", None) is not None:
-            # An unused pooler would sit in the optimizer with no gradient (and make DDP wait for it): drop it.
-            self.backbone.pooler = None
-            self.layer_groups = {g: kept for g, p in self.layer_groups.items() if (kept := _without(p, "pooler."))}
         self.num_features = spec.hidden_size
         self.tokenizer_path = spec.tokenizer_path
         self.optimizer = optimizer
@@ -148,6 +146,3 @@ class TextClassifier(Classifier):
         self.train(was_training)
         return results
 
-
-def _without(prefixes: tuple[str, ...], start: str) -> tuple[str, ...]:
-    return tuple(p for p in prefixes if not p.startswith(start))

@@ -86,4 +86,22 @@ def build_text_encoder(name: str = "all-minilm-l6-v2", pretrained: bool = True) 
             module = AutoModel.from_pretrained(path)
         else:
             module = AutoModel.from_config(AutoConfig.from_pretrained(path))
+    # from_pretrained returns the model in eval mode, and Lightning keeps a module's mode at the start of fit (it only
+    # warns): without this the encoder's own dropout would stay off during fine-tuning.
+    module.train()
     return TextEncoder(module, path, module.config.hidden_size, text_layer_groups(module))
+
+
+def drop_pooler(encoder: TextEncoder) -> TextEncoder:
+    """Remove the encoder's pooler (BERT's) when the task does not use it: an unused pooler would sit in the optimizer
+    with no gradient, and make DDP wait for it."""
+    if getattr(encoder.module, "pooler", None) is None:
+        return encoder
+    encoder.module.pooler = None
+    groups = {}
+    for group, prefixes in encoder.layer_groups.items():
+        kept = tuple(p for p in prefixes if not p.startswith("pooler."))
+        if kept:
+            groups[group] = kept
+    encoder.layer_groups = groups
+    return encoder

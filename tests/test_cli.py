@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,15 @@ def _data_args(config: Path, image_folder: Path, tmp_path: Path) -> list[str]:
     data = yaml.safe_load(config.read_text())["data"]
     if "image_folder" in data["class_path"]:
         return ["--data.data_dir", str(image_folder)]
+    if "squad" in data["class_path"]:
+        from tests.test_qa import CONTEXT, squad_json
+
+        articles = {
+            t: [(CONTEXT, "Who built the tower?", "Gustave Eiffel"), (CONTEXT, "Who sang?", None)] for t in "AB"
+        }
+        articles["Sky_(United_Kingdom)"] = articles.pop("B")  # the article the experiment holds out
+        (tmp_path / data["init_args"]["train_file"]).write_text(json.dumps(squad_json(articles)))
+        return ["--data.data_dir", str(tmp_path)]
     if "text" not in data["class_path"] and "chatterbot" not in data["class_path"]:
         return []
     cache = ["--data.init_args.cache_dir", str(tmp_path / "cache")]
@@ -54,7 +64,7 @@ def test_experiment_config_fast_dev_run(config: Path, image_folder: Path, tmp_pa
         ]
     )
     assert cli.trainer.state.finished
-    assert "test/acc" in cli.trainer.callback_metrics  # the test stage ran after fit
+    assert any(key.startswith("test/") for key in cli.trainer.callback_metrics)  # the test stage ran after fit
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
