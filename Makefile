@@ -8,15 +8,18 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXP    ?= digits
 ARGS   ?=
+CKPT   ?=
+INPUT  ?=
 CONFIG := configs/$(EXP).yaml
 
-.PHONY: help install train test test-fast smoke lint format clean plan lr-find bench
+.PHONY: help install train test test-fast smoke lint format clean plan lr-find bench eval predict export sync
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo ""
 	@echo "  Variables: EXP=<config in configs/, default digits>  ARGS=\"<extra LightningCLI arguments>\""
 	@echo "  Example:   make train EXP=image_folder ARGS=\"--data.data_dir ../shared/data/hymenoptera --trainer.max_epochs=2\""
+	@echo "  After a run: make eval CKPT=runs/digits/version_0/checkpoints/last.ckpt (predict adds INPUT=...)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,3 +62,19 @@ lr-find: $(STAMP) ## Run Lightning's LR finder on configs/<EXP>.yaml; prints the
 
 bench: $(STAMP) ## Run the benchmarks (both sides of each comparison in one process) and print JSON
 	$(PY) scripts/bench.py $(ARGS)
+
+eval: $(STAMP) ## Test CKPT=<checkpoint> on its run's data, rebuilt from the run's config.yaml (ARGS="--split val")
+	@test -n "$(CKPT)" || { echo "give CKPT=<path to a .ckpt file of a run>"; exit 2; }
+	$(PY) scripts/evaluate.py $(CKPT) $(ARGS)
+
+predict: $(STAMP) ## Predict with CKPT=<checkpoint> on INPUT=<image, folder, text or JSON file>; writes predictions.csv
+	@test -n "$(CKPT)" -a -n "$(INPUT)" || { echo "give CKPT=<path to a .ckpt file> and INPUT=<file or folder>"; exit 2; }
+	$(PY) scripts/predict.py $(CKPT) $(INPUT) $(ARGS)
+
+export: $(STAMP) ## Export CKPT=<checkpoint>: safetensors + config.json; ONNX and TorchScript for image models
+	@test -n "$(CKPT)" || { echo "give CKPT=<path to a .ckpt file of a run>"; exit 2; }
+	$(PY) scripts/export.py $(CKPT) $(ARGS)
+
+sync: $(STAMP) ## Upload the W&B runs recorded offline (runs/wandb/offline-run-*) once an API key is configured
+	@ls -d runs/wandb/offline-run-* >/dev/null 2>&1 || { echo "no offline W&B runs under runs/wandb"; exit 0; }
+	$(VENV)/bin/wandb sync --include-offline runs/wandb/offline-run-*

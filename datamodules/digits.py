@@ -90,6 +90,19 @@ class DigitsDataModule(LightningDataModule):
         self.val_set = TensorImageDataset(images[val], labels[val], to_float)
         self.test_set = TensorImageDataset(images[test], labels[test], to_float)
 
+    def image_transform(self) -> v2.Compose:
+        """The evaluation pipeline for an image file (``scripts/predict.py``): grey digit images resized whole, as
+        the 8x8 digits are here (no crop), as 3 channels in [0, 1]."""
+        size = self.hparams.image_size
+        return v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Grayscale(num_output_channels=3),
+                v2.Resize((size, size), antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+            ]
+        )
+
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         return make_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle)
 

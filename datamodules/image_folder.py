@@ -204,6 +204,10 @@ class ImageFolderDataModule(LightningDataModule):
             test = val
         return {"train": train, "val": val, "test": test}
 
+    def image_transform(self):
+        """The evaluation pipeline for an image file (``scripts/predict.py``)."""
+        return eval_transform(self.hparams.image_size)
+
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         return make_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle)
 

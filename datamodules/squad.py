@@ -170,7 +170,9 @@ def make_windows(
     windows = []
     for i, example in enumerate(encoded["overflow_to_sample_mapping"]):
         sequence_ids = encoded.sequence_ids(i)
-        offsets = [tuple(o) if s == 1 else (-1, -1) for o, s in zip(encoded["offset_mapping"][i], sequence_ids, strict=True)]
+        offsets = [
+            tuple(o) if s == 1 else (-1, -1) for o, s in zip(encoded["offset_mapping"][i], sequence_ids, strict=True)
+        ]
         window = {k: encoded[k][i] for k in keys} | {"example_index": example, "offsets": offsets}
         if answers is not None:
             window["start_positions"], window["end_positions"] = _answer_positions(offsets, answers[example])

@@ -169,6 +169,22 @@ class Classifier(FineTuneModule):
         if log_dir and self.trainer.is_global_zero:
             write_confusion_csv(self.confusion_matrix, self.hparams.class_names, Path(log_dir) / "confusion_matrix.csv")
 
+    def label_results(self, probs: torch.Tensor) -> list[dict]:
+        """``[{"label": name, "score": p, "probs": {name: p, ...}}, ...]`` for rows of class probabilities.
+
+        For multi-label models ``label`` is the list of names with probability above 0.5.
+        """
+        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        results = []
+        for row in probs.tolist():
+            scores = dict(zip(names, row, strict=True))
+            if self.multi_label:
+                results.append({"label": [n for n, p in scores.items() if p > 0.5], "score": max(row), "probs": scores})
+            else:
+                best = max(range(len(row)), key=row.__getitem__)
+                results.append({"label": names[best], "score": row[best], "probs": scores})
+        return results
+
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """``{"pred": class indices (B,), "probs": (B, C)}``; multi-label: ``pred`` is ``probs > 0.5``, (B, C)."""
         inputs = batch[0] if isinstance(batch, list | tuple) else batch

@@ -95,3 +95,31 @@ class ImageClassifier(Classifier):
         """Map images in [0, 1], ``(B, 3, H, W)``, to logits ``(B, num_classes)``."""
         images = self.normalize(images).contiguous(memory_format=self.memory_format)
         return self.head(self.backbone(images))
+
+    @torch.no_grad()
+    def predict_images(self, paths: list[str], transform, batch_size: int = 64) -> list[dict]:
+        """Classify image files: ``[{"label": name, "score": p, "probs": {name: p, ...}}, ...]``.
+
+        Args:
+            paths: the image files; one that cannot be read is an error that names it.
+            transform: PIL image -> (3, H, W) tensor in [0, 1], the data module's evaluation pipeline
+                (``image_transform()``); normalization is in the model.
+            batch_size: images per forward pass.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        was_training = self.training
+        self.eval()
+        results = []
+        for start in range(0, len(paths), batch_size):
+            images = []
+            for path in paths[start : start + batch_size]:
+                try:
+                    with Image.open(path) as image:
+                        images.append(transform(image.convert("RGB")))
+                except (UnidentifiedImageError, OSError) as err:
+                    raise ValueError(f"{path}: not a readable image ({err})") from None
+            logits = self(torch.stack(images).to(self.device))
+            results += self.label_results(logits.softmax(-1))
+        self.train(was_training)
+        return results

@@ -123,7 +123,6 @@ class TextClassifier(Classifier):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
         was_training = self.training
         self.eval()
         results = []
@@ -134,15 +133,6 @@ class TextClassifier(Classifier):
                 chunk, pair_chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
             ).to(self.device)
             logits = self(dict(batch))
-            probs = logits.sigmoid() if self.multi_label else logits.softmax(-1)
-            for row in probs.tolist():
-                scores = dict(zip(names, row, strict=True))
-                if self.multi_label:
-                    label = [n for n, p in scores.items() if p > 0.5]
-                    results.append({"label": label, "score": max(row), "probs": scores})
-                else:
-                    best = max(range(len(row)), key=row.__getitem__)
-                    results.append({"label": names[best], "score": row[best], "probs": scores})
+            results += self.label_results(logits.sigmoid() if self.multi_label else logits.softmax(-1))
         self.train(was_training)
         return results
-

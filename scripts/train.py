@@ -11,23 +11,68 @@ tested (``--test_after_fit=false`` to skip) and a short summary is printed.
 
 from __future__ import annotations
 
+import subprocess
 import time
 import warnings
+from pathlib import Path
 
+import torch
+import yaml
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from callbacks.tracking import RunReport, wandb_loggers
 
 # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per run: noise, not a user's concern.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def git_commit() -> str | None:
+    """The repository's commit, with ``-dirty`` when files differ from it; None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+class SaveConfig(SaveConfigCallback):
+    """Writes ``config.yaml`` to the run directory (Lightning's), and logs the resolved config and the git commit to
+    every W&B logger."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        commit = git_commit()
+        if trainer.log_dir and commit:
+            (Path(trainer.log_dir) / "git_commit.txt").write_text(commit + "\n")
+        loggers = wandb_loggers(trainer)
+        if loggers:
+            resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            for logger in loggers:
+                logger.experiment.config.update({"config": resolved, "git_commit": commit}, allow_val_change=True)
 
 
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True, help="Test the best checkpoint after fit.")
 
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, RunReport) for c in trainer.callbacks):
+            trainer.callbacks.append(RunReport())  # plots, samples, group table: every run
+        return trainer
+
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()
+        ckpt_path = self.config_init["fit"].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            # Resuming: continue the W&B run that wrote the checkpoint.
+            run_id = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("wandb_run_id")
+            for logger in wandb_loggers(self.trainer):
+                if run_id and hasattr(logger, "resume"):
+                    logger.resume(run_id)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -64,6 +109,7 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=42,
+        save_config_callback=SaveConfig,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -1,0 +1,47 @@
+"""Rebuild a run's model and data module from a checkpoint and the ``config.yaml`` saved beside it, so that eval,
+predict and export need no flags of the original experiment.
+
+A run directory looks like ``runs/<experiment>/version_<n>/`` with ``config.yaml`` and ``checkpoints/*.ckpt``;
+the config is found by walking up from the checkpoint (or given with ``--config``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import yaml
+from lightning import LightningDataModule, LightningModule
+
+
+def import_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def find_config(ckpt: Path) -> Path:
+    """The ``config.yaml`` of the run that wrote ``ckpt``: in its folder or one of the two above it."""
+    for folder in list(ckpt.resolve().parents)[:3]:
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    raise FileNotFoundError(f"no config.yaml beside {ckpt} or in the two folders above it: give --config")
+
+
+def load_run(ckpt: str, config: str | None = None) -> tuple[LightningModule, dict, Path]:
+    """The model of ``ckpt`` (on CPU, in eval mode), the run's config and the run directory."""
+    ckpt_path = Path(ckpt)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
+    config_path = Path(config) if config else find_config(ckpt_path)
+    settings = yaml.safe_load(config_path.read_text())
+    model_class = import_class(settings["model"]["class_path"])
+    # Checkpoints hold tensors and plain hyperparameters only: no pickled code is run when reading them.
+    model = model_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    model.eval()
+    return model, settings, config_path.parent
+
+
+def build_datamodule(settings: dict, **overrides) -> LightningDataModule:
+    """The run's data module, from its saved config, with ``overrides`` of its arguments."""
+    data = settings["data"]
+    return import_class(data["class_path"])(**(data.get("init_args", {}) | overrides))
