@@ -17,8 +17,13 @@ from callbacks.tracking import RunReport
 from scripts.from_run import build_datamodule, load_run
 
 
-def evaluate(ckpt: str, split: str = "test", data_dir: str | None = None, config: str | None = None) -> dict:
-    """Test (or validate) ``ckpt`` on its run's data; returns the metrics and writes them as JSON in the run dir."""
+def evaluate(
+    ckpt: str, split: str = "test", data_dir: str | None = None, config: str | None = None, limit_batches: float = 1.0
+) -> dict:
+    """Test (or validate) ``ckpt`` on its run's data; returns the metrics and writes them as JSON in the run dir.
+
+    ``limit_batches``: a share (float) or a number (int) of the split's batches, for a quick look.
+    """
     if split not in ("test", "val"):
         raise ValueError(f"split is {split!r}; choose test or val")
     model, settings, run_dir = load_run(ckpt, config)
@@ -30,6 +35,8 @@ def evaluate(ckpt: str, split: str = "test", data_dir: str | None = None, config
         logger=CSVLogger(run_dir, name=f"eval_{split}", version=""),
         callbacks=[RunReport()],
         enable_progress_bar=False,
+        limit_test_batches=limit_batches,
+        limit_val_batches=limit_batches,
     )
     run = trainer.test if split == "test" else trainer.validate
     metrics = run(model, datamodule=datamodule, verbose=False)[0]
@@ -45,8 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument("--data_dir", help="the data folder, when it has moved since training")
     parser.add_argument("--config", help="the run's config.yaml, when it is not beside the checkpoint")
+    parser.add_argument("--limit_batches", type=float, default=1.0, help="share (<= 1) or number of batches")
     args = parser.parse_args(argv)
-    result = evaluate(args.ckpt, args.split, args.data_dir, args.config)
+    limit = int(args.limit_batches) if args.limit_batches > 1 else args.limit_batches
+    result = evaluate(args.ckpt, args.split, args.data_dir, args.config, limit)
     for key, value in sorted(result["metrics"].items()):
         print(f"{key}: {value:.4f}")
     print(f"written: {result['written']}")

@@ -103,7 +103,7 @@ def _print_summary(trainer, checkpoint, best: str, results: dict, wall: float) -
 
 def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
     """Run the CLI on ``args`` (default: the command line); ``run=False`` only builds the objects (no subcommand)."""
-    return TrainCLI(
+    cli = TrainCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -114,6 +114,13 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
         args=args,
         run=run,
     )
+    if run:
+        # Close the W&B run now (Lightning leaves it open): its files are complete, and a later run in the same
+        # process (a resume) starts its own.
+        for logger in wandb_loggers(cli.trainer):
+            if logger._experiment is not None:
+                logger.experiment.finish()
+    return cli
 
 
 if __name__ == "__main__":
