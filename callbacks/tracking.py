@@ -78,10 +78,13 @@ class WandbLogger(LightningWandbLogger):
             offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or (
                 "WANDB_MODE" not in os.environ and not wandb_api_key_configured()
             )
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        # Absolute: wandb's background service may have been started from another working directory, and would
+        # resolve a relative folder against its own.
+        root = Path(save_dir).resolve()
+        root.mkdir(parents=True, exist_ok=True)
         super().__init__(
             name=name,
-            save_dir=save_dir,
+            save_dir=str(root),
             offline=offline,
             project=project,
             log_model=log_model,

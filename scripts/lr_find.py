@@ -17,6 +17,7 @@ from pathlib import Path
 from lightning import LightningModule, Trainer
 from lightning.pytorch.tuner import Tuner
 
+from callbacks.tracking import wandb_loggers
 from callbacks.unfreezing import BackboneFreezing
 from scripts.train import main
 
@@ -69,6 +70,9 @@ def lr_find(
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = finder.plot(suggest=suggestion is not None)
     figure.savefig(out, dpi=120, bbox_inches="tight")
+    for logger in wandb_loggers(trainer):  # the plot as W&B media, with the suggestion
+        logger.log_image("lr_find", [str(out)], caption=[f"suggested head lr: {suggestion}"])
+        logger.experiment.finish()
     print(f"suggested model.lr (head; other groups keep their ratio): {suggestion}")
     print(f"plot: {out}")
     return suggestion, out

@@ -48,3 +48,15 @@ def split_image_folder(tmp_path: Path) -> Path:
         for k, (name, color) in enumerate(colors.items()):
             write_images(root / split / name, count, color, seed=10 * k + count)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _close_wandb_runs():
+    """A W&B run left open by a test (a CLI built with run=False, a Trainer fitted by hand) would be reused by the
+    next W&B logger in this process, as Lightning's WandbLogger adopts an active run: close it after each test."""
+    yield
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

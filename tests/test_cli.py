@@ -96,7 +96,8 @@ def test_print_config_resolves_the_experiment(capsys) -> None:
     assert printed["data"]["class_path"] == "datamodules.digits.DigitsDataModule"
 
 
-def test_config_is_saved_beside_the_checkpoints_and_reruns(tmp_path: Path) -> None:
+def test_config_is_saved_beside_the_checkpoints_and_reruns(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the loggers write under ./runs
     tiny = [
         "--model.init_args.backbone=resnet_tiny",
         "--model.init_args.pretrained=false",
@@ -105,10 +106,9 @@ def test_config_is_saved_beside_the_checkpoints_and_reruns(tmp_path: Path) -> No
         "--trainer.limit_train_batches=2",
         "--trainer.limit_val_batches=1",
         "--trainer.limit_test_batches=1",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
     ]
     main(["fit", "--config", str(REPO / "configs" / "digits.yaml"), *tiny])
-    run = tmp_path / "digits" / "version_0"
+    run = tmp_path / "runs" / "digits" / "version_0"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["init_args"]["backbone"] == "resnet_tiny"
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -122,7 +122,6 @@ def test_config_is_saved_beside_the_checkpoints_and_reruns(tmp_path: Path) -> No
             str(run / "config.yaml"),
             "--ckpt_path",
             str(run / "checkpoints" / "last.ckpt"),
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'again'}",
         ]
     )
     assert "test/acc" in cli.trainer.callback_metrics
@@ -133,7 +132,6 @@ def test_config_is_saved_beside_the_checkpoints_and_reruns(tmp_path: Path) -> No
             str(run / "config.yaml"),
             "--ckpt_path",
             str(run / "checkpoints" / "last.ckpt"),
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'again'}",
             "--trainer.limit_predict_batches=1",
         ]
     )

@@ -89,14 +89,14 @@ def test_lr_finder_sweeps_the_head_keeps_ratios_and_the_first_phase(tmp_path, im
     assert ("backbone.layer4" in trained) is not freeze and "head.1" in trained
 
 
-def test_lr_find_script_saves_the_plot(tmp_path) -> None:
+def test_lr_find_script_saves_the_plot(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the experiment's loggers write under ./runs
     suggestion, plot = lr_find(
         [
             "--config",
             str(REPO / "configs" / "digits.yaml"),
             *TINY,
             f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
         ],
         num_training=15,
         plot_path=str(tmp_path / "lr.png"),
