@@ -10,12 +10,18 @@ EXP    ?= digits
 ARGS   ?=
 CKPT   ?=
 INPUT  ?=
+TASK   ?= image
+BACKBONE ?=
+SEEDS  ?= 0 1 2
+# The newest backbone exported by `make pretrain TASK=...` (what `make finetune` and `make compare` start from).
+NEWEST_BACKBONE = $(or $(BACKBONE),$(shell ls -dt runs/pretrain_$(TASK)/version_*/backbone 2>/dev/null | head -n 1))
 CONFIG := configs/$(EXP).yaml
 
-.PHONY: help install train test test-fast smoke lint format clean plan lr-find bench eval predict export sync
+.PHONY: help install train test test-fast smoke lint format clean plan lr-find bench eval predict export sync \
+	pretrain finetune compare export-backbone fashion-mnist
 
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo ""
 	@echo "  Variables: EXP=<config in configs/, default digits>  ARGS=\"<extra LightningCLI arguments>\""
 	@echo "  Example:   make train EXP=image_folder ARGS=\"--data.data_dir ../shared/data/hymenoptera --trainer.max_epochs=2\""
@@ -32,6 +38,26 @@ install: $(STAMP) ## Create .venv and install the project with its dev tools (qu
 train: $(STAMP) ## Fine-tune and test the experiment configs/<EXP>.yaml (default: EfficientNet-Lite0 on digits, offline)
 	@test -f $(CONFIG) || { echo "no experiment '$(EXP)': $(CONFIG) does not exist; choose one of: $$(ls configs/*.yaml | xargs -n1 basename | sed 's/\.yaml//' | tr '\n' ' ')"; exit 2; }
 	$(PY) scripts/train.py fit --config $(CONFIG) $(ARGS)
+
+pretrain: $(STAMP) ## Pre-train configs/pretrain_<TASK>.yaml (image: ResNet-18 from scratch on MNIST; text: MLM on chat lines)
+	@test -f configs/pretrain_$(TASK).yaml || { echo "TASK is image or text, not '$(TASK)'"; exit 2; }
+	$(PY) scripts/train.py fit --config configs/pretrain_$(TASK).yaml $(ARGS)
+
+finetune: $(STAMP) ## Fine-tune configs/finetune_<TASK>.yaml from BACKBONE (default: the newest `make pretrain` export)
+	@test -n "$(NEWEST_BACKBONE)" || { echo "no backbone under runs/pretrain_$(TASK)/: run make pretrain TASK=$(TASK) first, or give BACKBONE=<folder>"; exit 2; }
+	$(PY) scripts/train.py fit --config configs/finetune_$(TASK).yaml --model.backbone_checkpoint $(NEWEST_BACKBONE) $(ARGS)
+
+compare: $(STAMP) ## Fine-tune from BACKBONE and from scratch, same budget, SEEDS="0 1 2": table in runs/compare_<TASK>/
+	@test -n "$(NEWEST_BACKBONE)" || { echo "no backbone under runs/pretrain_$(TASK)/: run make pretrain TASK=$(TASK) first, or give BACKBONE=<folder>"; exit 2; }
+	$(PY) scripts/compare.py --config configs/finetune_$(TASK).yaml --backbone $(NEWEST_BACKBONE) --seeds $(SEEDS) --out runs/compare_$(TASK) $(ARGS)
+
+export-backbone: $(STAMP) ## Export the backbone of CKPT=<checkpoint> for fine-tuning (safetensors + metadata)
+	@test -n "$(CKPT)" || { echo "give CKPT=<path to a .ckpt file of a run>"; exit 2; }
+	$(PY) scripts/export_backbone.py $(CKPT) $(ARGS)
+
+fashion-mnist: ## Install Fashion-MNIST (Debian package dataset-fashion-mnist) for --data.source fashion_mnist
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get install -y dataset-fashion-mnist; else sudo apt-get install -y dataset-fashion-mnist; fi; }
 
 test: $(STAMP) ## Run the whole test suite (CPU, offline; includes the tests marked slow)
 	$(PY) -m pytest

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import netrc
 import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -30,6 +31,17 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from modules.backbones import split_by_group
+
+
+def git_commit() -> str | None:
+    """The repository's commit, with ``-dirty`` when files differ from it; None outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def wandb_api_key_configured() -> bool:

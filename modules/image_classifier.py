@@ -12,6 +12,7 @@ from torch import nn
 
 from modules.backbones import build_backbone
 from modules.classifier import Classifier
+from modules.handoff import load_backbone
 
 
 class Normalize(nn.Module):
@@ -36,8 +37,9 @@ class ImageClassifier(Classifier):
             training stops with an error.
         class_names: class names in label order; None takes them from the data module. Saved with the checkpoint.
         pretrained: start from the backbone's pretrained weights (False: random initialisation).
-        backbone_checkpoint: local file with backbone weights to start from instead (state dict, Lightning
-            checkpoint or safetensors).
+        backbone_checkpoint: backbone weights to start from instead: a backbone exported by pre-training (its
+            folder), a safetensors file, a Lightning checkpoint, or a W&B artifact ``wandb:entity/project/name:alias``
+            (``modules/handoff.py``). Only the head may be left without weights; other key differences are errors.
         hidden_dim: width of an optional hidden layer in the head.
         dropout: dropout probability in the head.
         label_smoothing: label smoothing of the cross-entropy loss.
@@ -73,7 +75,7 @@ class ImageClassifier(Classifier):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        spec = build_backbone(backbone, pretrained=pretrained, checkpoint=backbone_checkpoint)
+        spec = build_backbone(backbone, pretrained=pretrained and not backbone_checkpoint)
         self.backbone = spec.module
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)
@@ -83,6 +85,8 @@ class ImageClassifier(Classifier):
         self.normalize = Normalize(spec.mean, spec.std)
         self.optimizer = optimizer
         self.init_classes(num_classes, class_names)
+        if backbone_checkpoint:
+            load_backbone(self, backbone_checkpoint, name=backbone)
 
     def adopt_data(self, datamodule) -> None:
         image_size = getattr(datamodule, "hparams", {}).get("image_size")

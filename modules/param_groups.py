@@ -56,7 +56,10 @@ def build_param_groups(
     if layer_decay is not None and not 0 < layer_decay <= 1:
         raise ValueError(f"model.layer_decay must be in (0, 1], got {layer_decay}")
     lrs = layer_lrs(list(layer_groups), backbone_lr, layer_decay)
-    units = [("head", list(head.parameters()), lr)]
+    # A head tied to the backbone (a language-model head's output matrix is the word embeddings) trains its shared
+    # weight with the backbone's group: a parameter may sit in one optimizer group only.
+    in_backbone = {id(p) for p in backbone.parameters()}
+    units = [("head", [p for p in head.parameters() if id(p) not in in_backbone], lr)]
     units += [(f"backbone.{g}", params, lrs[g]) for g, params in split_by_group(backbone, layer_groups).items()]
     groups = []
     for unit, params, unit_lr in units:

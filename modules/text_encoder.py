@@ -65,14 +65,21 @@ def text_layer_groups(module: nn.Module) -> dict[str, tuple[str, ...]]:
     return groups
 
 
-def build_text_encoder(name: str = "all-minilm-l6-v2", pretrained: bool = True) -> TextEncoder:
+def build_text_encoder(
+    name: str = "all-minilm-l6-v2", pretrained: bool = True, auto_class: str = "AutoModel"
+) -> TextEncoder:
     """Build an encoder by name (see the module docstring).
 
     Args:
         name: ``all-minilm-l6-v2``, ``bert-tiny``, a Hugging Face hub name or a local model folder.
         pretrained: load the pretrained weights (False: the same architecture, randomly initialised).
+        auto_class: the transformers auto class to build with (``AutoModelForMaskedLM``: the encoder with its
+            language-model head).
     """
-    from transformers import AutoConfig, AutoModel, BertConfig
+    import transformers
+    from transformers import AutoConfig, BertConfig
+
+    AutoModel = getattr(transformers, auto_class)
 
     if name == "bert-tiny":
         path = str(minilm_path())

@@ -11,7 +11,6 @@ tested (``--test_after_fit=false`` to skip) and a short summary is printed.
 
 from __future__ import annotations
 
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -22,21 +21,10 @@ from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from callbacks.tracking import RunReport, wandb_loggers
+from callbacks.tracking import RunReport, git_commit, wandb_loggers
 
 # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per run: noise, not a user's concern.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-
-
-def git_commit() -> str | None:
-    """The repository's commit, with ``-dirty`` when files differ from it; None outside a git checkout."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 class SaveConfig(SaveConfigCallback):
@@ -85,6 +73,10 @@ class TrainCLI(LightningCLI):
         if self.config_init[self.subcommand].get("test_after_fit", True):
             tested = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
             results = tested[0] if tested else {}
+        # What scripts/compare.py reads after an in-process run.
+        self.results = {"test": results, "best_checkpoint": best, "wall_s": wall}
+        if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
+            self.results["best_" + checkpoint.monitor] = checkpoint.best_model_score.item()
         if trainer.is_global_zero:
             _print_summary(trainer, checkpoint, best, results, wall)
 

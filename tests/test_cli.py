@@ -32,6 +32,8 @@ def _data_args(config: Path, image_folder: Path, tmp_path: Path) -> list[str]:
         articles["Sky_(United_Kingdom)"] = articles.pop("B")  # the article the experiment holds out
         (tmp_path / data["init_args"]["train_file"]).write_text(json.dumps(squad_json(articles)))
         return ["--data.data_dir", str(tmp_path)]
+    if "text_lines" in data["class_path"]:
+        return []  # MLM pre-training: chatterbot-corpus lines by default
     if "text" not in data["class_path"] and "chatterbot" not in data["class_path"]:
         return []
     cache = ["--data.init_args.cache_dir", str(tmp_path / "cache")]
