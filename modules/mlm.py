@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric
 
 from modules.finetune import FineTuneModule
 from modules.handoff import load_backbone
-from modules.text_encoder import build_text_encoder, text_layer_groups
+from modules.text_encoder import build_text_encoder, check_tokenizer, text_layer_groups
 
 
 class MaskedLM(FineTuneModule):
@@ -67,12 +67,7 @@ class MaskedLM(FineTuneModule):
             load_backbone(self, backbone_checkpoint, name=encoder)
 
     def setup(self, stage: str) -> None:
-        from datamodules.text_classification import tokenizer_path
-
-        name = getattr(getattr(self.trainer, "datamodule", None), "options", {}).get("tokenizer")
-        if name is not None and tokenizer_path(name) != self.tokenizer_path:
-            encoder = self.hparams.encoder
-            raise ValueError(f"data.tokenizer is {name!r} but model.encoder is {encoder!r}: they must name one model")
+        check_tokenizer(getattr(self.trainer, "datamodule", None), self)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(M, vocab)`` at the ``M`` masked positions of the batch, and their target ids ``(M,)``."""

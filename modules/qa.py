@@ -30,7 +30,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from modules.finetune import FineTuneModule
 from modules.handoff import load_backbone
-from modules.text_encoder import build_text_encoder, drop_pooler
+from modules.text_encoder import build_text_encoder, check_tokenizer, drop_pooler
 
 
 def span_candidates(
@@ -231,13 +231,8 @@ class ExtractiveQA(FineTuneModule):
         self.predictions: dict[str, dict] = {}
 
     def setup(self, stage: str) -> None:
-        from datamodules.text_classification import tokenizer_path
-
         datamodule = getattr(self.trainer, "datamodule", None)
-        name = getattr(datamodule, "options", {}).get("tokenizer")
-        if name is not None and tokenizer_path(name) != self.tokenizer_path:
-            encoder = self.hparams.encoder
-            raise ValueError(f"data.tokenizer is {name!r} but model.encoder is {encoder!r}: they must name one model")
+        check_tokenizer(datamodule, self)
         if self.hparams.version_2_with_negative is None and hasattr(datamodule, "version_2_with_negative"):
             self.hparams.version_2_with_negative = datamodule.version_2_with_negative
 

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from modules.classifier import Classifier
 from modules.handoff import load_backbone
-from modules.text_encoder import build_text_encoder, drop_pooler
+from modules.text_encoder import build_text_encoder, check_tokenizer, drop_pooler
 
 Pooling = Literal["cls", "pooler", "mean"]
 
@@ -83,12 +83,7 @@ class TextClassifier(Classifier):
             load_backbone(self, backbone_checkpoint, name=encoder)
 
     def adopt_data(self, datamodule) -> None:
-        from datamodules.text_classification import tokenizer_path
-
-        name = getattr(datamodule, "options", {}).get("tokenizer")
-        if name is not None and tokenizer_path(name) != self.tokenizer_path:
-            encoder = self.hparams.encoder
-            raise ValueError(f"data.tokenizer is {name!r} but model.encoder is {encoder!r}: they must name one model")
+        check_tokenizer(datamodule, self)
         super().adopt_data(datamodule)
 
     def split_batch(self, batch: dict) -> tuple[dict, torch.Tensor]:

@@ -112,3 +112,13 @@ def drop_pooler(encoder: TextEncoder) -> TextEncoder:
             groups[group] = kept
     encoder.layer_groups = groups
     return encoder
+
+
+def check_tokenizer(datamodule, model: nn.Module) -> None:
+    """A data module that tokenizes (``options["tokenizer"]``) must use the tokenizer of the model's encoder."""
+    from datamodules.text_classification import tokenizer_path
+
+    name = getattr(datamodule, "options", {}).get("tokenizer")
+    if name is not None and tokenizer_path(name) != model.tokenizer_path:
+        encoder = model.hparams.encoder
+        raise ValueError(f"data.tokenizer is {name!r} but model.encoder is {encoder!r}: they must name one model")
