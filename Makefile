@@ -86,7 +86,7 @@ plan: $(STAMP) ## Print the fine-tuning plan of configs/<EXP>.yaml (phases, grou
 lr-find: $(STAMP) ## Run Lightning's LR finder on configs/<EXP>.yaml; prints the suggestion, saves the plot as PNG
 	$(PY) scripts/lr_find.py --config $(CONFIG) $(ARGS)
 
-bench: $(STAMP) ## Run the benchmarks (both sides of each comparison in one process) and print JSON
+bench: $(STAMP) ## Benchmarks side by side, as ratios (~15 min on 2 cores): bench/results.md and results.json
 	$(PY) scripts/bench.py $(ARGS)
 
 eval: $(STAMP) ## Test CKPT=<checkpoint> on its run's data, rebuilt from the run's config.yaml (ARGS="--split val")
