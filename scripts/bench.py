@@ -347,7 +347,10 @@ def bf16_native() -> bool:
     """Whether this device has fast bf16 kernels (oneDNN's bf16 support on a CPU: AVX-512 BF16 or AMX)."""
     if CUDA:
         return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: absent from some torch builds
+        return False
 
 
 def step_time(precision: str, steps: int = 3) -> float:
