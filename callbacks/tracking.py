@@ -279,7 +279,7 @@ class RunReport(Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_dir = _log_dir(trainer)
+        log_dir = run_dir(trainer)
         csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
         if log_dir is None or csv_logger is None:
             return
@@ -301,7 +301,7 @@ class RunReport(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         batch, self._sample_batch = self._sample_batch, None
-        log_dir = _log_dir(trainer)
+        log_dir = run_dir(trainer)
         if not trainer.is_global_zero or log_dir is None:
             return
         names = list(pl_module.hparams.get("class_names") or [])
@@ -346,7 +346,9 @@ class RunReport(Callback):
             logger.log_table("test/samples", columns, rows)
 
 
-def _log_dir(trainer: Trainer) -> Path | None:
+def run_dir(trainer: Trainer) -> Path | None:
+    """The run's directory, or None when no logger runs (``trainer.log_dir`` is then the working directory or
+    ``default_root_dir``, where a run's files do not belong)."""
     return Path(trainer.log_dir) if trainer.log_dir and trainer.loggers else None
 
 

@@ -20,6 +20,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
+from callbacks.tracking import run_dir
 from modules.finetune import FineTuneModule
 
 
@@ -165,9 +166,9 @@ class Classifier(FineTuneModule):
             return
         self.confusion_matrix = self.test_confusion.compute().cpu()
         self.test_confusion.reset()
-        log_dir = self.trainer.log_dir
+        log_dir = run_dir(self.trainer)
         if log_dir and self.trainer.is_global_zero:
-            write_confusion_csv(self.confusion_matrix, self.hparams.class_names, Path(log_dir) / "confusion_matrix.csv")
+            write_confusion_csv(self.confusion_matrix, self.hparams.class_names, log_dir / "confusion_matrix.csv")
 
     def label_results(self, probs: torch.Tensor) -> list[dict]:
         """``[{"label": name, "score": p, "probs": {name: p, ...}}, ...]`` for rows of class probabilities.

@@ -28,6 +28,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from callbacks.tracking import run_dir
 from modules.finetune import FineTuneModule
 from modules.handoff import load_backbone
 from modules.text_encoder import build_text_encoder, check_tokenizer, drop_pooler
@@ -279,9 +280,9 @@ class ExtractiveQA(FineTuneModule):
         # Every process computed the same values from the same gathered windows; the mean of equal values leaves them
         # unchanged (sync_dist only keeps Lightning from warning that they were not reduced).
         self.log_dict({f"{stage}/{k}": v for k, v in scores.items()}, prog_bar=stage == "val", sync_dist=True)
-        log_dir = self.trainer.log_dir
+        log_dir = run_dir(self.trainer)
         if stage == "test" and log_dir and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            path = Path(log_dir) / "test_predictions.json"
+            path = log_dir / "test_predictions.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.predictions, indent=1, ensure_ascii=False))
 

@@ -87,6 +87,14 @@ def test_metrics_confusion_matrix_and_best_accuracy(tmp_path, split_image_folder
     assert rows[0] == ["true \\ predicted", "blue", "green", "red"] and rows[3][0] == "red"
 
 
+def test_testing_without_a_logger_writes_no_file(tmp_path, split_image_folder) -> None:
+    model = ImageClassifier("resnet_tiny", pretrained=False)
+    trainer = _trainer(tmp_path)  # logger=False: log_dir falls back to default_root_dir
+    trainer.test(model, _data(split_image_folder), verbose=False)
+    assert model.confusion_matrix.sum() == 6
+    assert not (tmp_path / "confusion_matrix.csv").exists()
+
+
 def test_top5_accuracy_beyond_five_classes() -> None:
     model = ImageClassifier("resnet_tiny", num_classes=7, pretrained=False)
     assert list(model.val_metrics.keys()) == ["val/acc", "val/acc_top5", "val/f1"]
