@@ -3,7 +3,10 @@
 Two layouts are accepted:
 
 * ``data_dir/train/<class>/...``, ``data_dir/val/<class>/...`` and optionally ``data_dir/test/<class>/...``
-  (no ``test/``: the test stage uses ``val/`` and says so; no ``val/``: it is split off ``train/``);
+  (no ``test/``: the test stage uses ``val/`` and says so; no ``val/``: it is split off ``train/``). ``val_dir``
+  and ``test_dir`` rename those folders: a data set that ships only ``train/`` and ``val/`` (ants vs bees) is tested
+  honestly with ``val_dir: null, test_dir: val``: validation is then split off ``train/`` (stratified, seeded) and
+  ``val/`` is only ever tested on;
 * ``data_dir/<class>/...``: one folder, split per class into train/val/test by fractions and a seed.
 
 Class names are the folder names of the training images, sorted; label ``i`` is ``class_names[i]``.
@@ -133,6 +136,10 @@ class ImageFolderDataModule(LightningDataModule):
         data_dir: root folder of the data set.
         image_size: side length of the images fed to the model.
         batch_size: batch size of every loader.
+        val_dir: folder (under ``data_dir``) of the validation images; None, or a folder that does not exist,
+            splits validation off ``train/`` by ``val_fraction``.
+        test_dir: folder of the test images; None, or a folder that does not exist, tests on the validation images
+            (with a warning, and ``fit`` then tests its last weights rather than the checkpoint chosen on them).
         val_fraction: share of each class held out for validation when the data is not already split.
         test_fraction: share of each class held out for testing when the data is not already split.
         seed: seed of the split.
@@ -150,6 +157,8 @@ class ImageFolderDataModule(LightningDataModule):
         data_dir: str,
         image_size: int = 224,
         batch_size: int = 32,
+        val_dir: str | None = "val",
+        test_dir: str | None = "test",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         seed: int = 0,
@@ -164,6 +173,7 @@ class ImageFolderDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.class_names: list[str] | None = None
+        self.test_is_val = False  # True when the test split is the validation data (scripts/train.py reads it)
 
     @property
     def num_classes(self) -> int | None:
@@ -191,17 +201,21 @@ class ImageFolderDataModule(LightningDataModule):
             train, val, test = split_per_class(samples, [hp.val_fraction, hp.test_fraction], hp.seed)
             return {"train": train, "val": val, "test": test}
         train, self.class_names = scan_class_folders(root / "train", verify=hp.verify_images)
-        if (root / "val").is_dir():
-            val, _ = scan_class_folders(root / "val", self.class_names, verify=hp.verify_images)
+        if hp.val_dir is not None and hp.val_dir == hp.test_dir:
+            raise ValueError(f"data.val_dir and data.test_dir are both {hp.val_dir!r}: validate and test on other data")
+        if hp.val_dir and (root / hp.val_dir).is_dir():
+            val, _ = scan_class_folders(root / hp.val_dir, self.class_names, verify=hp.verify_images)
         else:
             train, val = split_per_class(train, [hp.val_fraction], hp.seed)
-        if (root / "test").is_dir():
-            test, _ = scan_class_folders(root / "test", self.class_names, verify=hp.verify_images)
+        if hp.test_dir and (root / hp.test_dir).is_dir():
+            test, _ = scan_class_folders(root / hp.test_dir, self.class_names, verify=hp.verify_images)
         else:
             warnings.warn(
-                f"{root} has no test/ folder: the test stage evaluates on the validation images", stacklevel=2
+                f"{root} has no {hp.test_dir or 'test'}/ folder: the test stage evaluates on the validation images",
+                stacklevel=2,
             )
             test = val
+            self.test_is_val = True
         return {"train": train, "val": val, "test": test}
 
     def image_transform(self):

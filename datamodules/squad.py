@@ -244,6 +244,8 @@ class SquadDataModule(LightningDataModule):
         test_file: test file; None tests on the validation questions.
         holdout_articles: titles of the training file's articles to validate (and test) on when there is no
             ``val_file``; None holds out the last article.
+        test_articles: titles of the training file's articles to test on (never trained or validated on) when there
+            is no ``test_file``; None tests on the validation questions.
         answerable_only: drop impossible questions (SQuAD v1.1-style training and scoring of v2.0 data).
         version_2_with_negative: score the null answer (v2.0); None decides from the data (any impossible question).
         hf_dataset: ``squad`` or ``squad_v2`` from Hugging Face ``datasets`` (needs internet).
@@ -264,6 +266,7 @@ class SquadDataModule(LightningDataModule):
         val_file: str | None = "dev-v2.0.json",
         test_file: str | None = None,
         holdout_articles: list[str] | None = None,
+        test_articles: list[str] | None = None,
         answerable_only: bool = False,
         version_2_with_negative: bool | None = None,
         hf_dataset: str | None = None,
@@ -299,8 +302,12 @@ class SquadDataModule(LightningDataModule):
             return read_squad(path, training)
 
         splits = {"train": read("train", hp.train_file, training=True)}
+        if hp.test_articles and hp.test_file is None:
+            tested = self._holdout(splits["train"], str(root / hp.train_file), hp.test_articles, "test_articles")
+            splits["train"] = [e for e in splits["train"] if e.title not in tested]
+            splits["test"] = [e for e in read("train", hp.train_file, training=False) if e.title in tested]
         if hp.val_file is None:
-            held = self._holdout(splits["train"], str(root / hp.train_file))
+            held = self._holdout(splits["train"], str(root / hp.train_file), hp.holdout_articles, "holdout_articles")
             splits["train"] = [e for e in splits["train"] if e.title not in held]
             # Evaluation keeps questions whose answer_start is off (EM/F1 compare texts): read them again.
             splits["val"] = [e for e in read("train", hp.train_file, training=False) if e.title in held]
@@ -310,14 +317,14 @@ class SquadDataModule(LightningDataModule):
             splits["test"] = read("test", hp.test_file, training=False)
         return splits
 
-    def _holdout(self, examples: list[QAExample], where: str) -> set[str]:
+    def _holdout(self, examples: list[QAExample], where: str, titles_held: list[str] | None, key: str) -> set[str]:
         titles = list(dict.fromkeys(e.title for e in examples))
-        held = self.options.holdout_articles or titles[-1:]
+        held = titles_held or titles[-1:]
         unknown = [t for t in held if t not in titles]
         if unknown:
-            raise ValueError(f"data.holdout_articles names {unknown}, which are not articles of {where}: {titles}")
+            raise ValueError(f"data.{key} names {unknown}, which are not training articles of {where}: {titles}")
         if set(held) >= set(titles):
-            raise ValueError(f"data.holdout_articles holds out every article of {where}: nothing left to train on")
+            raise ValueError(f"data.{key} holds out every article of {where}: nothing left to train on")
         return set(held)
 
     def _load_hf(self) -> dict[str, list[QAExample]]:
@@ -355,6 +362,7 @@ class SquadDataModule(LightningDataModule):
         v2 = hp.version_2_with_negative
         self.version_2_with_negative = any(e.is_impossible for ex in splits.values() for e in ex) if v2 is None else v2
         self.datasets = {name: self._windows(examples) for name, examples in splits.items()}
+        self.test_is_val = "test" not in self.datasets  # scripts/train.py then tests the last weights, not the best
         self.datasets.setdefault("test", self.datasets["val"])
 
     def _windows(self, examples: list[QAExample]) -> WindowDataset:

@@ -225,7 +225,9 @@ class TextClassificationDataModule(LightningDataModule):
             rows["train"] = sample_rows(rows["train"], hp.max_train_samples, hp.seed)
         self.class_names = self._label_names(rows["train"])
         self.datasets = {split: self._tokenize(split_rows, raw[split][1]) for split, split_rows in rows.items()}
+        self.test_is_val = "test" not in rows
         self.datasets.setdefault("test", self.datasets["val"])
+        self.rows = rows | {"test": rows.get("test", rows["val"])}  # the raw rows of each split (scripts/naive.py)
 
     def _clean(self, rows: list[Row], where: str) -> list[Row]:
         hp = self.options

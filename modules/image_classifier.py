@@ -97,8 +97,11 @@ class ImageClassifier(Classifier):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Map images in [0, 1], ``(B, 3, H, W)``, to logits ``(B, num_classes)``."""
-        images = self.normalize(images).contiguous(memory_format=self.memory_format)
-        return self.head(self.backbone(images))
+        return self.head(self.features(images))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features ``(B, num_features)`` that the head classifies."""
+        return self.backbone(self.normalize(images).contiguous(memory_format=self.memory_format))
 
     @torch.no_grad()
     def predict_images(self, paths: list[str], transform, batch_size: int = 64) -> list[dict]:

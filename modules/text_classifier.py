@@ -91,6 +91,10 @@ class TextClassifier(Classifier):
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Map tokenized inputs (``input_ids``, ``attention_mask``, ...; a ``labels`` key is ignored) to logits."""
+        return self.head(self.features(inputs))
+
+    def features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pooled sentence vectors ``(B, hidden)`` that the head classifies."""
         inputs = {k: v for k, v in inputs.items() if k != "labels"}
         out = self.backbone(**inputs)
         if self.hparams.pooling == "pooler":
@@ -100,7 +104,7 @@ class TextClassifier(Classifier):
         else:
             mask = inputs["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)  # (B, T, 1)
             pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return self.head(pooled)
+        return pooled
 
     def predict_file(self, path: str, text_column: str = "sentence", text_pair_column: str | None = None) -> list[dict]:
         """Classify the texts of a CSV, TSV, JSON or JSONL file (see :meth:`predict_texts` for the results)."""

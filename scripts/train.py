@@ -20,6 +20,7 @@ import yaml
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.tracking import RunReport, git_commit, wandb_loggers
 
@@ -70,21 +71,33 @@ class TrainCLI(LightningCLI):
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
         results = {}
+        tested_weights = best or "last"
         if self.config_init[self.subcommand].get("test_after_fit", True):
-            tested = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, verbose=False)
+            if getattr(self.datamodule, "test_is_val", False):
+                # The checkpoint was chosen on these very examples: its score on them would be optimistic.
+                tested_weights = "last"
+                rank_zero_warn(
+                    "the test split is the validation data (the data module has no test split of its own): testing "
+                    "the last weights, not the checkpoint chosen on that data; give the data module a test split "
+                    "for a score that nothing was chosen on"
+                )
+            ckpt_path = None if tested_weights == "last" else tested_weights
+            tested = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
             results = tested[0] if tested else {}
-        # What scripts/compare.py reads after an in-process run.
-        self.results = {"test": results, "best_checkpoint": best, "wall_s": wall}
+        # What scripts/compare.py and scripts/recipes.py read after an in-process run.
+        self.results = {"test": results, "best_checkpoint": best, "tested": tested_weights, "wall_s": wall}
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
             self.results["best_" + checkpoint.monitor] = checkpoint.best_model_score.item()
         if trainer.is_global_zero:
-            _print_summary(trainer, checkpoint, best, results, wall)
+            _print_summary(trainer, checkpoint, best, results, wall, tested_weights)
 
 
-def _print_summary(trainer, checkpoint, best: str, results: dict, wall: float) -> None:
+def _print_summary(trainer, checkpoint, best: str, results: dict, wall: float, tested: str) -> None:
     lines = [f"fit wall time: {wall:.1f} s ({trainer.current_epoch} epochs)"]
     if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
         lines.append(f"best {checkpoint.monitor}: {checkpoint.best_model_score.item():.4f}")
+    if results:
+        lines.append(f"tested weights: {'the last ones' if tested == 'last' else 'the best checkpoint'}")
     lines += [f"{key}: {value:.4f}" for key, value in sorted(results.items())]
     if best:
         lines.append(f"best checkpoint: {best}")

@@ -185,7 +185,7 @@ def test_holdout_articles_and_answerable_only(squad_dir: Path) -> None:
     dm = _squad_data(squad_dir, answerable_only=True)
     dm.setup("fit")
     assert [e.id for e in dm.examples("val")] == ["Three-0"] and not dm.version_2_with_negative
-    with pytest.raises(ValueError, match=r"names \['Four'\], which are not articles of .*squad.json"):
+    with pytest.raises(ValueError, match=r"names \['Four'\], which are not training articles of .*squad.json"):
         _squad_data(squad_dir, holdout_articles=["Four"]).setup("fit")
 
 
