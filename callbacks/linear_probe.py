@@ -95,9 +95,12 @@ class LinearProbe(Callback):
         was_training = pl_module.training
         pl_module.eval()
         features, labels = [], []
+        limit = trainer.num_training_batches  # honours limit_train_batches and fast_dev_run
+        if self.max_batches is not None:
+            limit = min(limit, self.max_batches)
         with torch.no_grad():
             for i, batch in enumerate(trainer.train_dataloader):
-                if self.max_batches is not None and i >= self.max_batches:
+                if i >= limit:
                     break
                 batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
                 inputs, target = pl_module.split_batch(batch)

@@ -87,7 +87,7 @@ def run_arm(task: Task, name: str, arm: str, seed: int, base_args: list[str], ou
     """One run of one arm; returns ``{"arm", "seed", "test": {metric: value}, "wall_s"}``."""
     args = ["--config", task.config, *base_args, "--seed_everything", str(seed)]
     if arm == "naive":
-        cli = train(["fit", *args], run=False)  # the experiment's own data module and budget
+        cli = train(args, run=False)  # the experiment's own data module and budget
         cli.datamodule.setup("fit")
         result = task.naive(cli.datamodule, seed=seed, epochs=cli.trainer.max_epochs)
         wall = result.pop("wall_s")
