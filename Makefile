@@ -13,12 +13,13 @@ INPUT  ?=
 TASK   ?= image
 BACKBONE ?=
 SEEDS  ?= 0 1 2
+TASKS  ?= sst2 agnews squad ants_bees digits
 # The newest backbone exported by `make pretrain TASK=...` (what `make finetune` and `make compare` start from).
 NEWEST_BACKBONE = $(or $(BACKBONE),$(shell ls -dt runs/pretrain_$(TASK)/version_*/backbone 2>/dev/null | head -n 1))
 CONFIG := configs/$(EXP).yaml
 
 .PHONY: help install train test test-fast smoke lint format clean plan lr-find bench eval predict export sync \
-	pretrain finetune compare export-backbone fashion-mnist
+	pretrain finetune compare recipes export-backbone fashion-mnist
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,6 +51,9 @@ finetune: $(STAMP) ## Fine-tune configs/finetune_<TASK>.yaml from BACKBONE (defa
 compare: $(STAMP) ## Fine-tune from BACKBONE and from scratch, same budget, SEEDS="0 1 2": table in runs/compare_<TASK>/
 	@test -n "$(NEWEST_BACKBONE)" || { echo "no backbone under runs/pretrain_$(TASK)/: run make pretrain TASK=$(TASK) first, or give BACKBONE=<folder>"; exit 2; }
 	$(PY) scripts/compare.py --config configs/finetune_$(TASK).yaml --backbone $(NEWEST_BACKBONE) --seeds $(SEEDS) --out runs/compare_$(TASK) $(ARGS)
+
+recipes: $(STAMP) ## Each default recipe vs a naive loop and from scratch, SEEDS, TASKS: runs/recipes/results.md
+	$(PY) scripts/recipes.py --tasks $(TASKS) --seeds $(SEEDS) $(ARGS)
 
 export-backbone: $(STAMP) ## Export the backbone of CKPT=<checkpoint> for fine-tuning (safetensors + metadata)
 	@test -n "$(CKPT)" || { echo "give CKPT=<path to a .ckpt file of a run>"; exit 2; }

@@ -61,7 +61,14 @@ TASKS = {
         args=["--data.max_train_samples", "2000", "--trainer.max_epochs", "1"],
         goal="mean >= 0.89",
     ),
-    "squad": Task("configs/squad.yaml", naive.qa, "test/f1", data="squad", goal="F1 >= naive + 8 at <= naive's time"),
+    "squad": Task(
+        "configs/squad.yaml",
+        naive.qa,
+        "test/f1",
+        data="squad",
+        args=["--data.answerable_only", "true"],  # train on 3 articles, test on Sky_(United_Kingdom)
+        goal="F1 >= naive + 8 at <= naive's time",
+    ),
     "ants_bees": Task("configs/ants_bees.yaml", naive.image, data="hymenoptera", goal="mean >= 0.93"),
     "digits": Task("configs/digits.yaml", naive.image, goal="mean >= 0.98"),
 }
