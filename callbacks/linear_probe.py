@@ -51,7 +51,11 @@ def fit_linear(
     def closure():
         optimizer.zero_grad()
         logits = features @ weight.T + bias
-        loss = F.binary_cross_entropy_with_logits(logits, labels.float()) if multi_label else F.cross_entropy(logits, labels)
+        loss = (
+            F.binary_cross_entropy_with_logits(logits, labels.float())
+            if multi_label
+            else F.cross_entropy(logits, labels)
+        )
         loss = loss + l2 / 2 * weight.pow(2).sum()
         loss.backward()
         return loss
@@ -82,7 +86,9 @@ class LinearProbe(Callback):
         features = trainer.strategy.all_gather(features).reshape(-1, features.shape[-1])
         labels = trainer.strategy.all_gather(labels).reshape(-1, *labels.shape[1:])
         multi_label = bool(getattr(pl_module, "multi_label", False))
-        weight, bias = fit_linear(features.cpu(), labels.cpu(), linear.out_features, self.l2, self.max_iter, multi_label)
+        weight, bias = fit_linear(
+            features.cpu(), labels.cpu(), linear.out_features, self.l2, self.max_iter, multi_label
+        )
         with torch.no_grad():
             linear.weight.copy_(weight.to(linear.weight))
             linear.bias.copy_(bias.to(linear.bias))

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from lightning import LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.tuner import Tuner
 
 from callbacks.unfreezing import BackboneFreezing
@@ -53,13 +54,14 @@ def engage_engine_during_sweep(trainer: Trainer, model: LightningModule) -> None
     model.on_train_batch_start = on_train_batch_start
 
 
-def valley(lrs: list[float], losses: list[float], divisor: float = 10.0, skip_start: int = 3) -> float | None:
+def valley(lrs: list[float], losses: list[float], divisor: float = 10.0, skip_start: int = 10) -> float | None:
     """A tenth of the LR at which the (smoothed) loss is lowest: fastai's ``minimum / 10`` rule.
 
     Lightning's own suggestion, the point of steepest descent, lands at the very start of the descent on a short
     sweep whose loss is noisy: measured on the default experiment it was 180x below the LR that trains best. The
     minimum of the loss is where the LR becomes too large; a tenth of it is the largest LR that is still safely below
-    that edge (Smith 2017, fastai). The first ``skip_start`` points are ignored (the smoothing's warm-up).
+    that edge (Smith 2017, fastai). The first ``skip_start`` points are ignored, as Lightning's own rule does: the
+    loss of the first few batches is not yet the trend.
     """
     points = [(lr, loss) for lr, loss in list(zip(lrs, losses, strict=True))[skip_start:] if math.isfinite(loss)]
     if not points:
@@ -84,6 +86,8 @@ def lr_find(
     configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
     cli = main([*args, "--trainer.logger=false"], run=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    # No run: without a logger the config would be saved into the working directory.
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
     engage_engine_during_sweep(trainer, model)
     finder = Tuner(trainer).lr_find(
         model,
@@ -95,13 +99,14 @@ def lr_find(
         update_attr=False,
     )
     suggestion = valley(finder.results["lr"], finder.results["loss"])
-    lrs = finder.results["lr"]
-    # Lightning's plot marks the point at _optimal_idx: mark the swept LR nearest to our suggestion instead.
-    finder._optimal_idx = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i] / suggestion))) if suggestion else None
     name = Path(configs[0]).stem if configs else "experiment"
     out = Path(plot_path) if plot_path else Path("runs") / "lr_find" / f"{name}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure = finder.plot(suggest=suggestion is not None)
+    figure = finder.plot(suggest=False)  # Lightning's marker would be its own suggestion: mark ours
+    if suggestion is not None:
+        lrs, losses = finder.results["lr"], finder.results["loss"]
+        nearest = min(range(len(lrs)), key=lambda i: abs(math.log(lrs[i] / suggestion)))
+        figure.axes[0].plot(lrs[nearest], losses[nearest], marker="o", markersize=10, color="red")
     figure.savefig(out, dpi=120, bbox_inches="tight")
     print(f"suggested model.lr (head; other groups keep their ratio): {suggestion}")
     print(f"plot: {out}")

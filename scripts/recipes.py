@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -114,12 +113,14 @@ def task_table(name: str, rows: list[dict], metric: str, goal: str, met: bool | 
     lines = [
         f"### {name}: {metric}",
         "",
-        f"| arm | mean ± sd | per seed | fit s/run |",
+        "| arm | mean ± sd | per seed | fit s/run |",
         "|---|---|---|---|",
     ]
     for r in rows:
         values = " / ".join(f"{v * scale:.1f}" for v in r["values"])
-        lines.append(f"| {r['arm']} | {r['mean'] * scale:.1f} ± {r['std'] * scale:.1f} | {values} | {r['wall_s']:.0f} |")
+        lines.append(
+            f"| {r['arm']} | {r['mean'] * scale:.1f} ± {r['std'] * scale:.1f} | {values} | {r['wall_s']:.0f} |"
+        )
     verdict = {True: "met", False: "**MISSED**", None: "not judged (an arm is missing)"}[met]
     return "\n".join([*lines, "", f"goal for the default: {goal}: {verdict}", ""])
 
@@ -130,7 +131,9 @@ def recipes(
     """Run every arm of every task over the seeds; write and return the tables."""
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"seeds": seeds, "arms": arms, "extra": extra or [], "tasks": {}}
-    sections = [f"# Recipes vs a naive fine-tune\n\nseeds {seeds}; extra arguments: `{' '.join(extra or []) or 'none'}`\n"]
+    sections = [
+        f"# Recipes vs a naive fine-tune\n\nseeds {seeds}; extra arguments: `{' '.join(extra or []) or 'none'}`\n"
+    ]
     for name in tasks:
         task = TASKS[name]
         base_args = list(task.args)

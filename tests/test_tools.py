@@ -103,3 +103,5 @@ def test_lr_find_script_saves_the_plot(tmp_path, monkeypatch) -> None:
     )
     assert plot.is_file() and plot.read_bytes()[:4] == b"\x89PNG"
     assert suggestion is None or 1e-6 <= suggestion <= 1.0
+    assert not (tmp_path / "runs" / "digits").exists() and not (tmp_path / "runs" / "wandb").exists()  # no run used
+    assert not (tmp_path / "config.yaml").exists() and not list(tmp_path.glob(".lr_find*"))
