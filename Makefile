@@ -9,6 +9,7 @@ STAMP  := $(VENV)/.installed
 EXP    ?= digits
 ARGS   ?=
 CKPT   ?=
+RUN    ?=
 INPUT  ?=
 TASK   ?= image
 BACKBONE ?=
@@ -19,7 +20,7 @@ NEWEST_BACKBONE = $(or $(BACKBONE),$(shell ls -dt runs/pretrain_$(TASK)/version_
 CONFIG := configs/$(EXP).yaml
 
 .PHONY: help install train test test-fast smoke lint format clean plan lr-find bench eval predict export sync \
-	pretrain finetune compare recipes export-backbone fashion-mnist
+	pretrain finetune compare recipes export-backbone fashion-mnist resume test-compat
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -27,6 +28,7 @@ help: ## Show this help
 	@echo "  Variables: EXP=<config in configs/, default digits>  ARGS=\"<extra LightningCLI arguments>\""
 	@echo "  Example:   make train EXP=image_folder ARGS=\"--data.data_dir ../shared/data/hymenoptera --trainer.max_epochs=2\""
 	@echo "  After a run: make eval CKPT=runs/digits/version_0/checkpoints/last.ckpt (predict adds INPUT=...)"
+	@echo "  Interrupted: make resume RUN=runs/digits/version_0"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +41,11 @@ install: $(STAMP) ## Create .venv and install the project with its dev tools (qu
 train: $(STAMP) ## Fine-tune and test the experiment configs/<EXP>.yaml (default: EfficientNet-Lite0 on digits, offline)
 	@test -f $(CONFIG) || { echo "no experiment '$(EXP)': $(CONFIG) does not exist; choose one of: $$(ls configs/*.yaml | xargs -n1 basename | sed 's/\.yaml//' | tr '\n' ' ')"; exit 2; }
 	$(PY) scripts/train.py fit --config $(CONFIG) $(ARGS)
+
+resume: $(STAMP) ## Continue RUN=runs/<exp>/version_N from its last.ckpt, in the same folder, metrics.csv and W&B run
+	@test -n "$(RUN)" || { echo "give RUN=<run folder>, e.g. RUN=runs/digits/version_0"; exit 2; }
+	@test -f $(RUN)/config.yaml || { echo "$(RUN) has no config.yaml: not a run folder"; exit 2; }
+	$(PY) scripts/train.py fit --config $(RUN)/config.yaml --run $(RUN) $(ARGS)
 
 pretrain: $(STAMP) ## Pre-train configs/pretrain_<TASK>.yaml (image: ResNet-18 from scratch on MNIST; text: MLM on chat lines)
 	@test -f configs/pretrain_$(TASK).yaml || { echo "TASK is image or text, not '$(TASK)'"; exit 2; }
@@ -66,6 +73,16 @@ fashion-mnist: ## Install Fashion-MNIST (Debian package dataset-fashion-mnist) f
 test: $(STAMP) ## Run the whole test suite (CPU, offline; includes the tests marked slow)
 	$(PY) -m pytest
 
+COMPAT_VENV := .venv-compat
+LIGHTNING_PREVIOUS ?= 2.5.*
+test-compat: $(STAMP) ## The resume, freezing and LR-schedule tests on the previous Lightning minor (lightning==2.5.*)
+	@test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	@# Everything but Lightning comes from .venv (a second torch would be GBs): its site-packages on the path.
+	@$(PY) -c "import site; print(site.getsitepackages()[0])" > "$$($(COMPAT_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/main-venv.pth"
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --no-deps "lightning==$(LIGHTNING_PREVIOUS)" "pytorch-lightning==$(LIGHTNING_PREVIOUS)"
+	$(COMPAT_VENV)/bin/python -c "import lightning; print('lightning', lightning.__version__)"
+	$(COMPAT_VENV)/bin/python -m pytest tests/test_resume.py tests/test_unfreezing.py tests/test_lr_schedule.py tests/test_reliability.py
+
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(PY) -m pytest -m "not slow"
 
@@ -80,8 +97,9 @@ format: $(STAMP) ## Format and fix with ruff
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-clean: ## Remove runs, caches and the virtual environment
-	rm -rf runs lightning_logs wandb .pytest_cache .ruff_cache $(VENV) *.egg-info
+clean: ## Remove everything the template writes: runs, checkpoints, caches, benchmark results and the virtual environments
+	rm -rf runs lightning_logs wandb checkpoints .cache bench/results.md bench/results.json build \
+	  .pytest_cache .ruff_cache $(VENV) $(COMPAT_VENV) *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 plan: $(STAMP) ## Print the fine-tuning plan of configs/<EXP>.yaml (phases, groups, trainable, LR) without training

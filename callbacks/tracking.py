@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -92,8 +92,7 @@ class WandbLogger(LightningWandbLogger):
             )
         # Absolute: wandb's background service may have been started from another working directory, and would
         # resolve a relative folder against its own.
-        root = Path(save_dir).resolve()
-        root.mkdir(parents=True, exist_ok=True)
+        root = Path(save_dir).resolve()  # created when the run starts, not here (a fast_dev_run writes nothing)
         super().__init__(
             name=name,
             save_dir=str(root),
@@ -104,6 +103,12 @@ class WandbLogger(LightningWandbLogger):
             tags=tags,
             **kwargs,
         )
+
+    @property
+    def experiment(self):
+        if self._experiment is None:
+            Path(self.save_dir).mkdir(parents=True, exist_ok=True)
+        return LightningWandbLogger.experiment.fget(self)
 
     def resume(self, run_id: str) -> None:
         """Continue the W&B run ``run_id`` (call before the run starts)."""
@@ -347,9 +352,17 @@ class RunReport(Callback):
 
 
 def run_dir(trainer: Trainer) -> Path | None:
-    """The run's directory, or None when no logger runs (``trainer.log_dir`` is then the working directory or
-    ``default_root_dir``, where a run's files do not belong)."""
-    return Path(trainer.log_dir) if trainer.log_dir and trainer.loggers else None
+    """The run's directory, or None when no logger runs or in a ``fast_dev_run`` (``trainer.log_dir`` is then the
+    working directory or ``default_root_dir``, where a run's files do not belong).
+
+    Read from the first logger, as ``trainer.log_dir`` does, but without its broadcast: a collective called on rank 0
+    alone (from a rank-zero-only hook) would wait for the other ranks forever.
+    """
+    if trainer.fast_dev_run or not trainer.loggers:
+        return None
+    first = trainer.loggers[0]
+    folder = first.log_dir if isinstance(first, CSVLogger | TensorBoardLogger) else first.save_dir
+    return Path(folder) if folder else None
 
 
 def _log_image(trainer: Trainer, key: str, path: Path) -> None:

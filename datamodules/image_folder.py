@@ -22,11 +22,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from lightning import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from datamodules.loaders import make_loader
+from datamodules.loaders import current_epoch, make_loader
 from datamodules.transforms import Augment, eval_transform, train_transform
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -34,8 +35,23 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 Sample = tuple[Path, int]
 
 
+def load_rgb(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB. 16-bit grey images (PIL modes ``I;16*`` and ``I``) are scaled from 0-65535 to
+    0-255 (PIL's ``convert("RGB")`` clips them: 99.6% of a 16-bit ramp became 255), float images from [0, 1]."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode.startswith("I") or image.mode == "F":
+            values = np.asarray(image, dtype=np.float64)
+            scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
+            grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+            return Image.fromarray(grey, mode="L").convert("RGB")
+        return image.convert("RGB")
+
+
 class ImageFileDataset(Dataset):
-    """``(path, label)`` pairs read as RGB with PIL; a file that fails to decode raises an error naming it."""
+    """``(path, label)`` pairs read as RGB (:func:`load_rgb`). A file that fails to decode (a truncated JPEG passes
+    the header check at set-up) is skipped with a warning that names it: the item is None and
+    :func:`collate_skipping` leaves it out of its batch."""
 
     def __init__(self, samples: Sequence[Sample], transform=None):
         self.samples, self.transform = list(samples), transform
@@ -46,11 +62,19 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
+            image = load_rgb(path)
         except Exception as err:  # PIL raises several unrelated types for bad files
-            raise RuntimeError(f"cannot read image {path}: {err}") from err
+            warnings.warn(f"skipped image {path}: it cannot be decoded ({err})", stacklevel=2)
+            return None
         return (self.transform(image) if self.transform else image), label
+
+
+def collate_skipping(batch: list):
+    """``default_collate`` of the readable items of a batch (unreadable images are None)."""
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        raise RuntimeError(f"none of the {len(batch)} images of a batch could be decoded (see the warnings above)")
+    return default_collate(kept)
 
 
 def _readable(path: Path) -> str | None:
@@ -129,6 +153,13 @@ def split_per_class(samples: Sequence[Sample], fractions: Sequence[float], seed:
     return parts
 
 
+def _need_two_classes(root: Path, names: list[str]) -> None:
+    if len(names) < 2:
+        raise ValueError(
+            f"{root} has one class folder ({names[0]!r}): a classifier needs at least two, as {root}/<class>/<images>"
+        )
+
+
 class ImageFolderDataModule(LightningDataModule):
     """Images in class folders (see the module docstring for the two layouts).
 
@@ -198,9 +229,11 @@ class ImageFolderDataModule(LightningDataModule):
         hp = self.hparams
         if not (root / "train").is_dir():
             samples, self.class_names = scan_class_folders(root, verify=hp.verify_images)
+            _need_two_classes(root, self.class_names)
             train, val, test = split_per_class(samples, [hp.val_fraction, hp.test_fraction], hp.seed)
             return {"train": train, "val": val, "test": test}
         train, self.class_names = scan_class_folders(root / "train", verify=hp.verify_images)
+        _need_two_classes(root / "train", self.class_names)
         if hp.val_dir is not None and hp.val_dir == hp.test_dir:
             raise ValueError(f"data.val_dir and data.test_dir are both {hp.val_dir!r}: validate and test on other data")
         if hp.val_dir and (root / hp.val_dir).is_dir():
@@ -223,7 +256,10 @@ class ImageFolderDataModule(LightningDataModule):
         return eval_transform(self.hparams.image_size)
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
-        return make_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle)
+        epoch = current_epoch(self.trainer)
+        return make_loader(
+            dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle, epoch, collate_fn=collate_skipping
+        )
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams

@@ -10,7 +10,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from datamodules.loaders import make_loader
+from datamodules.loaders import current_epoch, make_loader
 from datamodules.transforms import Augment, train_transform
 
 
@@ -120,7 +120,8 @@ class InMemoryImageDataModule(LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
-        return make_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle)
+        epoch = current_epoch(self.trainer)
+        return make_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle, epoch)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

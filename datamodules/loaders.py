@@ -1,27 +1,124 @@
-"""The DataLoader settings every data module shares."""
+"""The DataLoader settings every data module shares, and training order as a pure function of (seed, epoch).
+
+Why our own sampler: torch's ``RandomSampler`` and transformers' ``LengthGroupedSampler`` draw each epoch's order
+from a generator that advances from epoch to epoch, and a DataLoader draws its workers' seeds from the global RNG when
+its iterator is created. Neither state is in a checkpoint, so a resumed run shuffled, augmented and dropped out
+differently from the run it continues (issue 15: 12 of 74 tensors equal after a resume). Here every random stream of
+a training epoch starts from ``(seed, epoch)``: the order (:class:`EpochSampler`), the workers' seeds (the loader's
+generator, reseeded with the epoch) and, through ``callbacks.reliability.EpochSeed``, the global Python, NumPy and
+torch RNGs of the main process. Training workers are not persistent, since they would carry their RNG state across
+epochs.
+"""
 
 from __future__ import annotations
 
+import os
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False, **kwargs) -> DataLoader:
-    """A DataLoader with workers kept alive between epochs and pinned memory when a GPU is present.
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed that depends on every part (``seed, epoch, stream``), well mixed."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def run_seed() -> int:
+    """The run's seed: ``seed_everything``'s (``PL_GLOBAL_SEED``), 0 when none was set."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def current_epoch(trainer) -> int:
+    """The epoch a training loader built now will serve: Lightning's count of processed epochs (already the next
+    epoch right after a resume from an end-of-epoch checkpoint); 0 without a trainer."""
+    loop = getattr(trainer, "fit_loop", None)
+    return int(loop.epoch_progress.current.processed) if loop is not None else 0
+
+
+def seed_globals(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs (every device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffled order that depends only on ``(seed, epoch)``; ``set_epoch`` moves to another epoch.
+
+    ``generator`` is reseeded with the epoch too: given to the DataLoader, it is where the loader draws its workers'
+    base seed, so the workers' random streams are also a function of ``(seed, epoch)``.
+
+    Args:
+        length: number of samples.
+        seed: the run's seed.
+        epoch: the epoch of the first pass (a loader built after a resume starts at the resumed epoch).
+        order: ``(generator) -> list of indices`` for another order than a permutation (length grouping).
+    """
+
+    def __init__(self, length: int, seed: int, epoch: int = 0, order: Callable | None = None):
+        self.length, self.seed, self.order = length, seed, order
+        self.generator = torch.Generator()
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(derive_seed(self.seed, epoch, 1))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0))
+        order = self.order(generator) if self.order else torch.randperm(self.length, generator=generator).tolist()
+        return iter(order)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker's torch and Python RNGs from the loader's base seed + worker id; NumPy too, here.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool = False,
+    epoch: int = 0,
+    sampler: EpochSampler | None = None,
+    **kwargs,
+) -> DataLoader:
+    """A DataLoader with pinned memory when a GPU is present; training (``shuffle`` or an :class:`EpochSampler`)
+    draws its order and its workers' seeds from ``(seed, epoch)``.
 
     Args:
         dataset: the map-style dataset.
         batch_size: samples per batch.
         num_workers: worker processes (0 loads in the main process: best for data already in memory).
-        shuffle: reshuffle every epoch (training).
-        kwargs: further DataLoader arguments (``collate_fn``, ``sampler``, ...).
+        shuffle: a new order every epoch, a function of the run's seed and the epoch (training).
+        epoch: the epoch this loader starts at (``current_epoch(trainer)``), for ``shuffle`` or ``sampler``.
+        sampler: an :class:`EpochSampler` with another order (its epoch is set to ``epoch``).
+        kwargs: further DataLoader arguments (``collate_fn``, ...).
     """
+    if shuffle and sampler is None:
+        sampler = EpochSampler(len(dataset), run_seed(), epoch)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+        generator = sampler.generator
+    else:
+        # Evaluation loaders draw their workers' seed from a private generator, never from the global RNG, whose
+        # state would then depend on how many evaluation passes ran (a resumed run has one more sanity check).
+        generator = torch.Generator().manual_seed(0)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0 and sampler is None,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        generator=generator,
         pin_memory=torch.cuda.is_available(),
         **kwargs,
     )

@@ -10,8 +10,9 @@
   model's span can be turned back into text of the original context, and all windows of a question can be pooled
   when it is scored (``modules.qa``).
 
-Bad input: a file that is not SQuAD JSON, and a missing ``context``, ``id``, ``question`` or ``answers`` field
-(named with the question id or the article and paragraph) are errors. An empty question or context is skipped with
+Bad input: a file that is not SQuAD JSON, a missing ``context``, ``id``, ``question`` or ``answers`` field (named
+with the question id or the article and paragraph), an id used twice and an ``answer_start`` that is not an integer
+are errors. An empty question or context is skipped with
 a warning that counts them. An ``answer_start`` that does not match the answer text is skipped from training (its
 positions would be wrong) and counted in a warning; evaluation keeps such questions, since EM/F1 compare texts.
 """
@@ -28,7 +29,7 @@ from lightning import LightningDataModule
 from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.loaders import make_loader
+from datamodules.loaders import current_epoch, make_loader
 from datamodules.text_classification import sample_rows, tokenizer_path
 
 
@@ -60,6 +61,7 @@ def parse_squad(data: dict, where: str, training: bool) -> list[QAExample]:
     if not isinstance(articles, list):
         raise ValueError(f"{where}: not a SQuAD file (no 'data' list of articles at the top level)")
     examples: list[QAExample] = []
+    seen: dict[str, str] = {}
     empty = mismatched = 0
     for a, article in enumerate(articles):
         title = article.get("title", f"article {a}")
@@ -73,6 +75,11 @@ def parse_squad(data: dict, where: str, training: bool) -> list[QAExample]:
                 if "id" not in qa:
                     raise ValueError(f"{where}: article {title!r} paragraph {p} question {q} has no 'id' field")
                 qid = str(qa["id"])
+                if qid in seen:  # answers are scored by id: a second question with it would go unscored
+                    raise ValueError(
+                        f"{where}: question id {qid!r} is used twice (articles {seen[qid]!r} and {title!r})"
+                    )
+                seen[qid] = title
                 if "question" not in qa:
                     raise ValueError(f"{where}: question {qid!r} has no 'question' field")
                 impossible = bool(qa.get("is_impossible", False))
@@ -85,6 +92,11 @@ def parse_squad(data: dict, where: str, training: bool) -> list[QAExample]:
                 for answer in answers:
                     if "text" not in answer or "answer_start" not in answer:
                         raise ValueError(f"{where}: question {qid!r} has an answer without 'text' or 'answer_start'")
+                    start = answer["answer_start"]
+                    if not isinstance(start, int) or isinstance(start, bool):
+                        raise ValueError(
+                            f"{where}: question {qid!r} has answer_start {start!r}, not an integer character offset"
+                        )
                 if training and answers:
                     start, text = answers[0]["answer_start"], answers[0]["text"]
                     if context[start : start + len(text)] != text:
@@ -386,7 +398,12 @@ class SquadDataModule(LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         hp = self.options
         return make_loader(
-            self.datasets[split], hp.batch_size, hp.num_workers, shuffle=train, collate_fn=QACollator(self.tokenizer)
+            self.datasets[split],
+            hp.batch_size,
+            hp.num_workers,
+            shuffle=train,
+            epoch=current_epoch(self.trainer),
+            collate_fn=QACollator(self.tokenizer),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -6,7 +6,8 @@
 * Tokenization runs once per file content, tokenizer and ``max_length``: the token ids are cached under
   ``cache_dir`` and reused by later runs (a changed file, tokenizer or length is a different key).
 * Batches are padded to their longest sequence, not to ``max_length``; ``group_by_length`` batches texts of similar
-  length together for training (transformers' ``LengthGroupedSampler``), which cuts the padding further.
+  length together for training (transformers' length grouping, drawn from the seed and the epoch), which cuts
+  the padding further.
 
 Bad input: a missing column (the error lists the columns that exist), bytes that are not UTF-8 (file and line), an
 empty file, and a val/test label unknown to the training split are errors; empty or whitespace-only texts are
@@ -27,9 +28,7 @@ from lightning import LightningDataModule
 from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.loaders import make_loader
-
-Row = dict[str, str]
+from datamodules.loaders import EpochSampler, current_epoch, make_loader, run_seed
 
 
 def tokenizer_path(name: str) -> str:
@@ -39,8 +38,67 @@ def tokenizer_path(name: str) -> str:
     return str(minilm_path()) if name in ("all-minilm-l6-v2", "bert-tiny") else name
 
 
+class Row(dict):
+    """One record of a data file, column -> text, that knows where it was read (``at``: ``"line 12"``), for
+    messages that name the row."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, fields: dict, at: str = ""):
+        super().__init__(fields)
+        self.at = at
+
+
+TSV_RULE = (
+    "TSV fields are separated by tabs and never quoted (SST-2 style), so a text cannot hold a tab: "
+    "write such data as .csv, whose fields may be quoted"
+)
+
+
+def _parse_json_line(path: Path, number: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} line {number}: a JSON {type(record).__name__}, not an object of fields")
+    return record
+
+
+def _delimited(path: Path, text: str, column_names: list[str] | None) -> list[Row]:
+    tsv = path.suffix.lower() == ".tsv"
+    # TSV: no quoting (SST-2 sentences hold bare quotes); CSV: standard quoting (a field may hold commas, newlines).
+    reader = csv.reader(io.StringIO(text), **({"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}))
+    header, rows = column_names, []
+    while True:
+        first_line = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            raise ValueError(f"{path} line {first_line}: {err}") from None
+        if not record:
+            continue
+        if header is None:
+            header = record
+            continue
+        if len(record) != len(header):
+            rule = f"; {TSV_RULE}" if tsv and len(record) > len(header) else ""
+            raise ValueError(
+                f"{path} line {first_line}: {len(record)} field(s) where the header has {len(header)} "
+                f"({', '.join(header)}){rule}"
+            )
+        rows.append(Row(zip(header, record, strict=True), f"line {first_line}"))
+    return rows
+
+
 def read_rows(path: Path, column_names: list[str] | None = None) -> list[Row]:
     """Read a CSV, TSV, JSON (a list of objects) or JSONL file into rows of strings keyed by column name.
+
+    Every CSV/TSV line must have as many fields as the header: CSV fields may be quoted; TSV fields never are, so
+    a TSV text cannot hold a tab. A line with the wrong number of fields, a JSONL line that is not a JSON object and
+    bytes that are not UTF-8 are errors naming the file and line.
 
     Args:
         path: the file; its suffix picks the format.
@@ -58,22 +116,38 @@ def read_rows(path: Path, column_names: list[str] | None = None) -> list[Row]:
         raise ValueError(f"{path} is empty")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        # TSV: no quoting (SST-2 sentences hold bare quotes); CSV: standard quoting.
-        options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
-        reader = csv.reader(io.StringIO(text), **options)
-        records = [r for r in reader if r]
-        header, body = (column_names, records) if column_names else (records[0], records[1:])
-        rows = [dict(zip(header, r, strict=False)) for r in body]
+        rows = _delimited(path, text, column_names)
     elif suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        lines = enumerate(text.splitlines(), 1)
+        rows = [Row(_parse_json_line(path, n, line), f"line {n}") for n, line in lines if line.strip()]
     elif suffix == ".json":
-        loaded = json.loads(text)
-        rows = loaded.get("data", loaded) if isinstance(loaded, dict) else loaded
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+        items = loaded.get("data", loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise ValueError(f'{path}: expected a JSON list of objects (or {{"data": [...]}})')
+        rows = [Row(item, f"item {i}") for i, item in enumerate(items, 1)]
     else:
         raise ValueError(f"{path}: unknown format {suffix!r}; use .csv, .tsv, .json or .jsonl")
     if not rows:
         raise ValueError(f"{path} has no data rows")
-    return [{k: ("" if v is None else str(v)) for k, v in row.items()} for row in rows]
+    return [Row({k: ("" if v is None else str(v)) for k, v in row.items()}, row.at) for row in rows]
+
+
+def _at(row: dict) -> str:
+    return getattr(row, "at", "") or "row"
+
+
+def _warn_skipped(where: str, rows: list, kept: list, why: str) -> None:
+    """One warning that counts the rows dropped from ``rows`` (those not in ``kept``) and names the first few."""
+    if len(kept) == len(rows):
+        return
+    kept_ids = {id(r) for r in kept}
+    dropped = [_at(r) for r in rows if id(r) not in kept_ids]
+    shown = ", ".join(dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+    warnings.warn(f"{where}: skipped {len(dropped)} row(s) with {why} ({shown})", stacklevel=3)
 
 
 def sample_rows(rows: list[Row], count: int, seed: int) -> list[Row]:
@@ -198,7 +272,10 @@ class TextClassificationDataModule(LightningDataModule):
             def label(v):
                 return names[v] if names and isinstance(v, int) and v >= 0 else v
 
-            return [{k: str(label(v) if k == hp.label_column else v) for k, v in r.items()} for r in loaded[split]]
+            return [
+                Row({k: str(label(v) if k == hp.label_column else v) for k, v in r.items()}, f"row {i}")
+                for i, r in enumerate(loaded[split], 1)
+            ]
 
         splits = {"train": (rows("train"), f"{hp.hf_dataset}:train")}
         if "validation" in loaded:
@@ -224,22 +301,34 @@ class TextClassificationDataModule(LightningDataModule):
         if hp.max_train_samples is not None:
             rows["train"] = sample_rows(rows["train"], hp.max_train_samples, hp.seed)
         self.class_names = self._label_names(rows["train"])
+        if len(self.class_names) < 2 and not hp.multi_label:
+            raise ValueError(
+                f"{raw['train'][1]}: every training row has the label {self.class_names[0]!r}; "
+                "a classifier needs at least two labels"
+            )
         self.datasets = {split: self._tokenize(split_rows, raw[split][1]) for split, split_rows in rows.items()}
         self.test_is_val = "test" not in rows
         self.datasets.setdefault("test", self.datasets["val"])
         self.rows = rows | {"test": rows.get("test", rows["val"])}  # the raw rows of each split (scripts/naive.py)
 
     def _clean(self, rows: list[Row], where: str) -> list[Row]:
+        """Rows with every needed field; empty texts and (single-label) empty labels are skipped and counted."""
         hp = self.options
         needed = [c for c in (hp.text_column, hp.text_pair_column, hp.label_column) if c]
-        missing = [c for c in needed if c not in rows[0]]
-        if missing:
-            raise ValueError(f"{where}: no column {missing[0]!r}; its columns are {list(rows[0])}")
-        kept = [r for r in rows if r.get(hp.text_column, "").strip()]
-        if len(kept) < len(rows):
-            warnings.warn(f"{where}: skipped {len(rows) - len(kept)} row(s) with empty text", stacklevel=2)
+        for row in rows:
+            missing = [c for c in needed if c not in row]
+            if missing:
+                raise ValueError(f"{where} {_at(row)}: no {missing[0]!r} field; its fields are {list(row)}")
+        kept = [r for r in rows if r[hp.text_column].strip()]
+        _warn_skipped(where, rows, kept, f"an empty {hp.text_column!r}")
         if not kept:
             raise ValueError(f"{where}: every row has an empty {hp.text_column!r}")
+        if not hp.multi_label:  # an empty label would become a class named ''
+            labelled = [r for r in kept if r[hp.label_column].strip()]
+            _warn_skipped(where, kept, labelled, f"an empty {hp.label_column!r}")
+            if not labelled:
+                raise ValueError(f"{where}: every row has an empty {hp.label_column!r}")
+            kept = labelled
         return kept
 
     def _split_off(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
@@ -261,14 +350,12 @@ class TextClassificationDataModule(LightningDataModule):
     def _encode_labels(self, rows: list[Row], where: str) -> torch.Tensor:
         index = {name: i for i, name in enumerate(self.class_names)}
         encoded = []
-        for row_number, row in enumerate(rows, 1):
+        for row in rows:
             labels = self._labels_of(row)
             unknown = [label for label in labels if label not in index]
             if unknown:
                 known = self.class_names
-                raise ValueError(
-                    f"{where} row {row_number}: label {unknown[0]!r} is not among the training labels {known}"
-                )
+                raise ValueError(f"{where} {_at(row)}: label {unknown[0]!r} is not among the training labels {known}")
             encoded.append([index[label] for label in labels])
         if self.options.multi_label:
             targets = torch.zeros(len(rows), len(self.class_names))
@@ -334,13 +421,18 @@ class TextClassificationDataModule(LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         hp = self.options
         dataset = self.datasets[split]
+        epoch = current_epoch(self.trainer)
         if train and hp.group_by_length:
-            from transformers.trainer_pt_utils import LengthGroupedSampler
+            from transformers.trainer_pt_utils import get_length_grouped_indices
 
-            generator = torch.Generator().manual_seed(hp.seed)  # advances every epoch: a new grouping each time
-            sampler = LengthGroupedSampler(hp.batch_size, lengths=dataset.lengths(), generator=generator)
-            return make_loader(dataset, hp.batch_size, hp.num_workers, sampler=sampler, collate_fn=self._collate)
-        return make_loader(dataset, hp.batch_size, hp.num_workers, shuffle=train, collate_fn=self._collate)
+            lengths = dataset.lengths()  # transformers' grouping, drawn from (seed, epoch) like every training order
+            sampler = EpochSampler(
+                len(dataset), run_seed(), order=lambda g: get_length_grouped_indices(lengths, hp.batch_size, None, g)
+            )
+            return make_loader(
+                dataset, hp.batch_size, hp.num_workers, epoch=epoch, sampler=sampler, collate_fn=self._collate
+            )
+        return make_loader(dataset, hp.batch_size, hp.num_workers, shuffle=train, epoch=epoch, collate_fn=self._collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -20,7 +20,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.loaders import make_loader
+from datamodules.loaders import current_epoch, make_loader
 from datamodules.text_classification import read_rows, tokenizer_path
 
 
@@ -162,7 +162,14 @@ class TextLinesDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
-        return make_loader(self.train_set, hp.batch_size, hp.num_workers, shuffle=True, collate_fn=self.collator())
+        return make_loader(
+            self.train_set,
+            hp.batch_size,
+            hp.num_workers,
+            shuffle=True,
+            epoch=current_epoch(self.trainer),
+            collate_fn=self.collator(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         # The batches are ready: batch_size=None hands them over one by one.

