@@ -81,7 +81,7 @@ test-compat: $(STAMP) ## The resume, freezing and LR-schedule tests on the previ
 	@$(PY) -c "import site; print(site.getsitepackages()[0])" > "$$($(COMPAT_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/main-venv.pth"
 	$(COMPAT_VENV)/bin/python -m pip install --quiet --no-deps "lightning==$(LIGHTNING_PREVIOUS)" "pytorch-lightning==$(LIGHTNING_PREVIOUS)"
 	$(COMPAT_VENV)/bin/python -c "import lightning; print('lightning', lightning.__version__)"
-	$(COMPAT_VENV)/bin/python -m pytest tests/test_resume.py tests/test_unfreezing.py tests/test_lr_schedule.py tests/test_reliability.py
+	$(COMPAT_VENV)/bin/python -m pytest tests/test_resume.py tests/test_unfreezing.py tests/test_lr_schedule.py
 
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(PY) -m pytest -m "not slow"

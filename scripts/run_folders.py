@@ -80,11 +80,14 @@ def metrics_before(path: Path, epoch: int, step: int) -> tuple[list[str], list[d
         header = list(reader.fieldnames or [])
 
     def seen(row: dict[str, str]) -> bool:
-        if row.get("epoch"):
-            return float(row["epoch"]) <= epoch
-        return row.get("step") not in (None, "") and float(row["step"]) < step
+        try:
+            if row.get("epoch"):
+                return float(row["epoch"]) <= epoch
+            return float(row.get("step") or "nan") < step
+        except ValueError:  # a line cut short by the kill
+            return False
 
-    return header, [row for row in rows if seen(row)]
+    return header, [row for row in rows if None not in row and None not in row.values() and seen(row)]
 
 
 def restore_metrics(experiment, header: list[str], rows: list[dict[str, str]]) -> None:

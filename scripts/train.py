@@ -135,6 +135,7 @@ class TrainCLI(LightningCLI):
             raise RunError(f"checkpoint {ckpt} cannot be read ({type(err).__name__}: {err})") from None
         config.ckpt_path = str(ckpt)
         if run is not None:
+            run = run.resolve()
             rank_zero_info(f"resuming {run} from {Path(ckpt).name} (epoch {epoch}, step {step})")
             self._kept_metrics = metrics_before(run / "metrics.csv", epoch, step)
         return run

@@ -91,20 +91,20 @@ def test_numeric_labels_sort_as_numbers(text_dir: Path) -> None:
 
 
 def test_missing_column_lists_the_columns(text_dir: Path) -> None:
-    with pytest.raises(ValueError, match=r"train.tsv: no column 'text'; its columns are \['sentence', 'label'\]"):
+    with pytest.raises(ValueError, match=r"train.tsv line 2: no 'text' field; its fields are \['sentence', 'label'\]"):
         _data(text_dir, text_column="text")
 
 
 def test_empty_texts_are_skipped_with_a_count(text_dir: Path) -> None:
     write_tsv(text_dir / "train.tsv", [("good", "pos"), ("   ", "neg"), ("", "pos"), ("bad", "neg")])
-    with pytest.warns(UserWarning, match=r"train.tsv: skipped 2 row\(s\) with empty text"):
+    with pytest.warns(UserWarning, match=r"train.tsv: skipped 2 row\(s\) with an empty 'sentence' \(line 3, line 4\)"):
         dm = _data(text_dir)
     assert len(dm.datasets["train"]) == 2
 
 
 def test_unseen_label_in_val_is_an_error(text_dir: Path) -> None:
     write_tsv(text_dir / "dev.tsv", [("fine", "pos"), ("meh", "neutral")])
-    with pytest.raises(ValueError, match=r"dev.tsv row 2: label 'neutral' is not among the training labels"):
+    with pytest.raises(ValueError, match=r"dev.tsv line 3: label 'neutral' is not among the training labels"):
         _data(text_dir)
 
 
