@@ -17,10 +17,13 @@ SEEDS  ?= 0 1 2
 TASKS  ?= sst2 agnews squad ants_bees digits
 # The newest backbone exported by `make pretrain TASK=...` (what `make finetune` and `make compare` start from).
 NEWEST_BACKBONE = $(or $(BACKBONE),$(shell ls -dt runs/pretrain_$(TASK)/version_*/backbone 2>/dev/null | head -n 1))
-CONFIG := configs/$(EXP).yaml
+CONFIG ?= configs/$(EXP).yaml
+TRIALS ?= 12
+FOLDS  ?= 5
+CV     ?= 0
 
 .PHONY: help install train test test-fast smoke lint format clean plan lr-find bench eval predict export sync \
-	pretrain finetune compare recipes export-backbone fashion-mnist resume test-compat
+	pretrain finetune compare recipes export-backbone fashion-mnist resume test-compat sweep cv
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,6 +32,7 @@ help: ## Show this help
 	@echo "  Example:   make train EXP=image_folder ARGS=\"--data.data_dir ../shared/data/hymenoptera --trainer.max_epochs=2\""
 	@echo "  After a run: make eval CKPT=runs/digits/version_0/checkpoints/last.ckpt (predict adds INPUT=...)"
 	@echo "  Interrupted: make resume RUN=runs/digits/version_0"
+	@echo "  Any config file: make train CONFIG=runs/sweeps/digits/best.yaml"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +65,13 @@ compare: $(STAMP) ## Fine-tune from BACKBONE and from scratch, same budget, SEED
 
 recipes: $(STAMP) ## Each default recipe vs a naive loop and from scratch, SEEDS, TASKS: runs/recipes/results.md
 	$(PY) scripts/recipes.py --tasks $(TASKS) --seeds $(SEEDS) $(ARGS)
+
+sweep: $(STAMP) ## Optuna search over configs/sweeps/<EXP>.yaml: TRIALS=12 [CV=K], resumable; best YAML in runs/sweeps/<EXP>/
+	@test -f configs/sweeps/$(EXP).yaml || { echo "no search space configs/sweeps/$(EXP).yaml (see configs/sweeps/digits.yaml)"; exit 2; }
+	$(PY) scripts/sweep.py --config $(CONFIG) --space configs/sweeps/$(EXP).yaml --trials $(TRIALS) --cv $(CV) $(ARGS)
+
+cv: $(STAMP) ## K-fold cross-validation of configs/<EXP>.yaml, FOLDS=5: per-fold table, mean ± sd, out-of-fold predictions
+	$(PY) scripts/cv.py --config $(CONFIG) --folds $(FOLDS) $(ARGS)
 
 export-backbone: $(STAMP) ## Export the backbone of CKPT=<checkpoint> for fine-tuning (safetensors + metadata)
 	@test -n "$(CKPT)" || { echo "give CKPT=<path to a .ckpt file of a run>"; exit 2; }

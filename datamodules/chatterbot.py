@@ -44,6 +44,8 @@ class ChatterbotTopicsDataModule(TextClassificationDataModule):
         batch_size: batch size of every loader.
         group_by_length: batch training texts of similar length together.
         cache_dir: where tokenized splits are cached.
+        num_folds: cross-validation (``make cv``): folds of the training and validation lines, stratified by topic.
+        fold: the fold that is the validation split.
     """
 
     def __init__(
@@ -57,6 +59,8 @@ class ChatterbotTopicsDataModule(TextClassificationDataModule):
         batch_size: int = 32,
         group_by_length: bool = True,
         cache_dir: str = ".cache/tokenized",
+        num_folds: int | None = None,
+        fold: int | None = None,
     ):
         super().__init__(
             data_dir=None,
@@ -69,6 +73,8 @@ class ChatterbotTopicsDataModule(TextClassificationDataModule):
             val_fraction=val_fraction,
             seed=seed,
             cache_dir=cache_dir,
+            num_folds=num_folds,
+            fold=fold,
         )
         self.options.update(min_lines=min_lines, test_fraction=test_fraction)
 

@@ -27,6 +27,7 @@ from lightning import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from datamodules.folds import check_fold, fold_split
 from datamodules.loaders import current_epoch, make_loader
 from datamodules.transforms import Augment, eval_transform, train_transform
 
@@ -181,6 +182,9 @@ class ImageFolderDataModule(LightningDataModule):
         num_workers: data-loader worker processes (image decoding runs there).
         verify_images: read each file's header once at set-up and skip (with a warning) files that are not images.
         predict_dir: folder of images (searched recursively) for ``predict``; None predicts on the test split.
+        num_folds: cross-validation (``make cv``): cut the training and validation images (never the test images)
+            into this many folds, stratified by class and seeded, instead of the splits above.
+        fold: the fold that is the validation split (0 to ``num_folds - 1``).
     """
 
     def __init__(
@@ -200,8 +204,11 @@ class ImageFolderDataModule(LightningDataModule):
         num_workers: int = 2,
         verify_images: bool = True,
         predict_dir: str | None = None,
+        num_folds: int | None = None,
+        fold: int | None = None,
     ):
         super().__init__()
+        check_fold(fold, num_folds)
         self.save_hyperparameters()
         self.class_names: list[str] | None = None
         self.test_is_val = False  # True when the test split is the validation data (scripts/train.py reads it)
@@ -218,6 +225,15 @@ class ImageFolderDataModule(LightningDataModule):
         if not root.is_dir():
             raise FileNotFoundError(f"data.data_dir {root} does not exist")
         splits = self._read_splits(root)
+        if hp.num_folds:  # cross-validation: the folds cut train + val; the test split stays out of them
+            pool = splits["train"] + splits["val"]
+            labels = [label for _, label in pool]
+            train, val = fold_split(len(pool), hp.num_folds, hp.fold, hp.seed, labels, where=str(root))
+            splits["train"], splits["val"] = [pool[i] for i in train], [pool[i] for i in val]
+            if self.test_is_val:
+                splits["test"] = splits["val"]
+            self.val_keys = [(str(path), self.class_names[label]) for path, label in splits["val"]]
+            self.fold = hp.fold
         for name, samples in splits.items():
             if not samples:
                 raise ValueError(

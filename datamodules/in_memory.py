@@ -10,6 +10,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from datamodules.folds import check_fold, fold_split
 from datamodules.loaders import current_epoch, make_loader
 from datamodules.transforms import Augment, train_transform
 
@@ -50,6 +51,9 @@ class InMemoryImageDataModule(LightningDataModule):
         rotation: maximum rotation in degrees for the ``basic`` preset.
         crop_scale: area range of the random resized crop.
         num_workers: data-loader workers (the data is in memory: 0 avoids starting processes).
+        num_folds: cross-validation (``make cv``): cut the images that are not the test set into this many folds,
+            stratified and seeded, instead of a ``val_fraction`` split.
+        fold: the fold that is the validation split (0 to ``num_folds - 1``).
     """
 
     def __init__(
@@ -63,8 +67,11 @@ class InMemoryImageDataModule(LightningDataModule):
         rotation: float = 10.0,
         crop_scale: tuple[float, float] = (0.7, 1.0),
         num_workers: int = 0,
+        num_folds: int | None = None,
+        fold: int | None = None,
     ):
         super().__init__()
+        check_fold(fold, num_folds)
         if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ValueError(
                 f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in (0, 1) "
@@ -92,7 +99,13 @@ class InMemoryImageDataModule(LightningDataModule):
             val_share = hp.val_fraction / (1 - hp.test_fraction)
         else:
             rest, test, val_share = index, None, hp.val_fraction
-        train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=hp.seed)
+        if hp.get("num_folds"):
+            inner_train, inner_val = fold_split(len(rest), hp.num_folds, hp.fold, hp.seed, labels[rest].tolist())
+            train, val = rest[inner_train], rest[inner_val]
+            self.val_keys = [(str(i), self.class_names[int(labels[i])]) for i in val]  # out-of-fold predictions
+            self.fold = hp.fold
+        else:
+            train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=hp.seed)
 
         augment = train_transform(
             hp.image_size, hp.augment, hflip=False, rotation=hp.rotation, crop_scale=hp.crop_scale

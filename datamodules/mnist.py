@@ -53,6 +53,8 @@ class MnistDataModule(InMemoryImageDataModule):
         rotation: maximum rotation in degrees for the ``basic`` preset.
         crop_scale: area range of the random resized crop.
         num_workers: data-loader workers (the data is in memory: 0 avoids starting processes).
+        num_folds: cross-validation (``make cv``): folds of the images that are not the test set.
+        fold: the fold that is the validation split.
     """
 
     def __init__(
@@ -69,11 +71,23 @@ class MnistDataModule(InMemoryImageDataModule):
         rotation: float = 10.0,
         crop_scale: tuple[float, float] = (0.7, 1.0),
         num_workers: int = 0,
+        num_folds: int | None = None,
+        fold: int | None = None,
     ):
         if source not in ("mnist", "fashion_mnist"):
             raise ValueError(f"data.source is {source!r}; choose mnist or fashion_mnist")
         super().__init__(
-            image_size, batch_size, val_fraction, test_fraction, seed, augment, rotation, crop_scale, num_workers
+            image_size,
+            batch_size,
+            val_fraction,
+            test_fraction,
+            seed,
+            augment,
+            rotation,
+            crop_scale,
+            num_workers,
+            num_folds,
+            fold,
         )
         self.save_hyperparameters()
         self.class_names = FASHION_CLASSES if source == "fashion_mnist" else [str(i) for i in range(10)]

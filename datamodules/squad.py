@@ -29,6 +29,7 @@ from lightning import LightningDataModule
 from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.folds import check_fold, fold_split
 from datamodules.loaders import current_epoch, make_loader
 from datamodules.text_classification import sample_rows, tokenizer_path
 
@@ -268,7 +269,10 @@ class SquadDataModule(LightningDataModule):
         batch_size: windows per batch.
         num_workers: data-loader workers (the data is in memory: 0 is usually fastest).
         max_train_samples: keep only this many training questions (a seeded sample), for quick runs.
-        seed: seed of that sample.
+        seed: seed of that sample and of the folds.
+        num_folds: cross-validation (``make cv``): cut the training and validation questions (never the test
+            questions) into this many folds by article, so an article's questions are all in one fold.
+        fold: the fold that is the validation split (0 to ``num_folds - 1``).
     """
 
     def __init__(
@@ -290,7 +294,10 @@ class SquadDataModule(LightningDataModule):
         num_workers: int = 0,
         max_train_samples: int | None = None,
         seed: int = 0,
+        num_folds: int | None = None,
+        fold: int | None = None,
     ):
+        check_fold(fold, num_folds)
         options = AttributeDict({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         super().__init__()
         self.save_hyperparameters()
@@ -366,6 +373,18 @@ class SquadDataModule(LightningDataModule):
         splits = self.load_splits()
         if hp.answerable_only:
             splits = {name: [e for e in examples if not e.is_impossible] for name, examples in splits.items()}
+        if hp.num_folds:  # cross-validation by article: a fold holds whole articles; the test questions stay out
+            pool = splits["train"] + splits["val"]
+            train, val = fold_split(
+                len(pool),
+                hp.num_folds,
+                hp.fold,
+                hp.seed,
+                groups=[e.title for e in pool],
+                where="the SQuAD training data",
+            )
+            splits["train"], splits["val"] = [pool[i] for i in train], [pool[i] for i in val]
+            self.fold = hp.fold
         if hp.max_train_samples is not None:
             splits["train"] = sample_rows(splits["train"], hp.max_train_samples, hp.seed)
         for name, examples in splits.items():

@@ -28,6 +28,7 @@ from lightning import LightningDataModule
 from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.folds import check_fold, fold_split
 from datamodules.loaders import EpochSampler, current_epoch, make_loader, run_seed
 
 
@@ -203,6 +204,9 @@ class TextClassificationDataModule(LightningDataModule):
         cache_dir: where tokenized files are cached.
         num_workers: data-loader workers (the data is in memory: 0 is usually fastest).
         max_train_samples: keep only this many training rows (a seeded sample), for quick runs and benchmarks.
+        num_folds: cross-validation (``make cv``): cut the training and validation rows (never the test rows) into
+            this many folds, stratified by label and seeded (with ``max_train_samples``: a sample of that many first).
+        fold: the fold that is the validation split (0 to ``num_folds - 1``).
     """
 
     def __init__(
@@ -228,7 +232,10 @@ class TextClassificationDataModule(LightningDataModule):
         cache_dir: str = ".cache/tokenized",
         num_workers: int = 0,
         max_train_samples: int | None = None,
+        num_folds: int | None = None,
+        fold: int | None = None,
     ):
+        check_fold(fold, num_folds)
         # Our own record of these arguments: under LightningCLI, `hparams` holds only those of the class the config
         # names, which for a subclass are not these.
         options = AttributeDict({k: v for k, v in locals().items() if k not in ("self", "__class__")})
@@ -295,10 +302,12 @@ class TextClassificationDataModule(LightningDataModule):
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(hp.tokenizer))
         raw = self.load_splits()
         rows = {split: self._clean(rows, where) for split, (rows, where) in raw.items()}
-        if "val" not in rows:
+        if hp.num_folds:
+            self._folds(rows, raw)
+        elif "val" not in rows:
             rows["train"], rows["val"] = self._split_off(rows["train"])
             raw["val"] = ("", raw["train"][1] + " (held out)")
-        if hp.max_train_samples is not None:
+        if hp.max_train_samples is not None and not hp.num_folds:
             rows["train"] = sample_rows(rows["train"], hp.max_train_samples, hp.seed)
         self.class_names = self._label_names(rows["train"])
         if len(self.class_names) < 2 and not hp.multi_label:
@@ -330,6 +339,21 @@ class TextClassificationDataModule(LightningDataModule):
                 raise ValueError(f"{where}: every row has an empty {hp.label_column!r}")
             kept = labelled
         return kept
+
+    def _folds(self, rows: dict[str, list[Row]], raw: dict) -> None:
+        """Cross-validation: the training and validation rows (``max_train_samples`` of them, when set) cut into
+        folds stratified by (first) label; fold ``fold`` validates. The test rows stay out."""
+        hp = self.options
+        named = [(f"{split} {_at(r)}", r) for split in ("train", "val") for r in rows.get(split, [])]
+        if hp.max_train_samples is not None:
+            named = sample_rows(named, hp.max_train_samples, hp.seed)
+        labels = [(self._labels_of(r) or [""])[0] for _, r in named]
+        where = raw["train"][1]
+        train, val = fold_split(len(named), hp.num_folds, hp.fold, hp.seed, labels, where=where)
+        rows["train"], rows["val"] = [named[i][1] for i in train], [named[i][1] for i in val]
+        raw["val"] = ("", f"{where} (fold {hp.fold} of {hp.num_folds})")
+        self.val_keys = [(named[i][0], "|".join(self._labels_of(named[i][1]))) for i in val]
+        self.fold = hp.fold
 
     def _split_off(self, rows: list[Row]) -> tuple[list[Row], list[Row]]:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.options.seed)).tolist()

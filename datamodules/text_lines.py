@@ -20,6 +20,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.folds import check_fold, fold_split
 from datamodules.loaders import current_epoch, make_loader
 from datamodules.text_classification import read_rows, tokenizer_path
 
@@ -71,6 +72,8 @@ class TextLinesDataModule(LightningDataModule):
         seed: seed of the split, the sample and the validation masks.
         batch_size: batch size of every loader.
         num_workers: data-loader workers.
+        num_folds: cross-validation (``make cv``): cut the documents into this many folds (seeded).
+        fold: the fold that is the validation split.
     """
 
     def __init__(
@@ -87,8 +90,11 @@ class TextLinesDataModule(LightningDataModule):
         seed: int = 0,
         batch_size: int = 32,
         num_workers: int = 0,
+        num_folds: int | None = None,
+        fold: int | None = None,
     ):
         super().__init__()
+        check_fold(fold, num_folds)
         if not 0 < val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         if not 0 < mlm_probability < 1:
@@ -149,10 +155,15 @@ class TextLinesDataModule(LightningDataModule):
         hp = self.hparams
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(hp.tokenizer))
         docs = self.documents()
-        order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-        n_val = min(max(1, round(len(docs) * hp.val_fraction)), len(docs) - 1)
-        self.train_set = self.encode([docs[i] for i in order[n_val:]])
-        val_set = self.encode([docs[i] for i in order[:n_val]])
+        if hp.get("num_folds"):  # cross-validation: folds of the documents
+            train, val = fold_split(len(docs), hp.num_folds, hp.fold, hp.seed, where="the documents")
+            self.fold = hp.fold
+        else:
+            order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(hp.seed)).tolist()
+            n_val = min(max(1, round(len(docs) * hp.val_fraction)), len(docs) - 1)
+            train, val = order[n_val:], order[:n_val]
+        self.train_set = self.encode([docs[i] for i in train])
+        val_set = self.encode([docs[i] for i in val])
         # Masked once, with a fixed seed: each epoch's validation loss scores the same masked tokens.
         masker = self.collator(seed=hp.seed)
         self.val_batches = [

@@ -20,6 +20,8 @@ one line (``error: ...``); ``--debug`` (or ``FT_DEBUG=1``) shows the traceback.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import sys
 import time
@@ -80,6 +82,16 @@ class TrainCLI(LightningCLI):
             help="Continue the run in this folder (runs/<exp>/version_N): from its checkpoints/last.ckpt unless "
             "--ckpt_path is given, in the same folder, metrics.csv and W&B run.",
         )
+        parser.add_argument(
+            "--results_file", type=str | None, default=None, help="Write the summary of fit (and test) as JSON here."
+        )
+        parser.add_argument(
+            "--oof_file",
+            type=str | None,
+            default=None,
+            help="After fit, write the last weights' predictions on the validation split as CSV here (the "
+            "out-of-fold predictions of `make cv`; classifiers whose data module has folds).",
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -93,7 +105,13 @@ class TrainCLI(LightningCLI):
                 run = Path(os.environ[RUN_ENV]) if RUN_ENV in os.environ else None
             else:
                 first = loggers[0]
-                run = claim_run_dir(Path(first.get("save_dir") or "lightning_logs") / (first.get("name") or ""))
+                root = Path(first.get("save_dir") or "lightning_logs") / (first.get("name") or "")
+                version = first.get("version")
+                if version is None:
+                    run = claim_run_dir(root)
+                else:  # a folder named in the config (a sweep's trial_003): that one
+                    run = root / (version if isinstance(version, str) else f"version_{version}")
+                    run.mkdir(parents=True, exist_ok=True)
         if run is None:
             return
         run = run.resolve()  # one spelling of the folder: ModelCheckpoint knows its own last.ckpt by its path
@@ -191,8 +209,33 @@ class TrainCLI(LightningCLI):
         self.results = {"test": results, "best_checkpoint": best, "tested": tested_weights, "wall_s": wall}
         if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
             self.results["best_" + checkpoint.monitor] = checkpoint.best_model_score.item()
+        settings = self.config_init[self.subcommand]
+        if settings.get("oof_file"):
+            self._write_out_of_fold(Path(settings["oof_file"]))
         if trainer.is_global_zero:
+            if settings.get("results_file"):
+                Path(settings["results_file"]).parent.mkdir(parents=True, exist_ok=True)
+                Path(settings["results_file"]).write_text(json.dumps(self.results, indent=1))
             _print_summary(trainer, checkpoint, best, results, wall, tested_weights)
+
+    def _write_out_of_fold(self, path: Path) -> None:
+        """The validation split's predictions by the model as it is now (the last weights, as fit left them)."""
+        keys = getattr(self.datamodule, "val_keys", None)
+        names = list(getattr(self.model, "hparams", {}).get("class_names") or [])
+        if keys is None or not names:
+            rank_zero_warn(f"--oof_file {path}: this data module has no folds or the model no class names; skipped")
+            return
+        batches = self.trainer.predict(self.model, dataloaders=self.datamodule.val_dataloader())
+        probs = torch.cat([b["probs"] for b in batches]).float()
+        if not self.trainer.is_global_zero:
+            return
+        fold = getattr(self.datamodule, "fold", None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["key", "fold", "label", "pred", *[f"p_{n}" for n in names]])
+            for (key, label), row in zip(keys, probs.tolist(), strict=True):
+                writer.writerow([key, fold, label, names[int(probs.new_tensor(row).argmax())], *row])
 
 
 def _print_summary(trainer, checkpoint, best: str, results: dict, wall: float, tested: str) -> None:

@@ -452,7 +452,8 @@ def test_a_huge_lr_through_the_cli_stops_and_saves_nothing(tmp_path: Path, monke
 
 def _cli(tmp_path: Path, *args: str, debug: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline")
-    env.pop("FT_DEBUG", None)
+    for inherited in ("FT_DEBUG", "FT_RUN_DIR", "WANDB_SERVICE"):
+        env.pop(inherited, None)
     command = [sys.executable, str(REPO / "scripts" / "train.py"), "fit", "--config", str(REPO / "configs/digits.yaml")]
     return subprocess.run([*command, *args, *(["--debug"] if debug else [])], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip

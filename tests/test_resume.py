@@ -33,7 +33,11 @@ def _args(*extra: str) -> list[str]:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="offline", FT_DEBUG="1")
-    env.pop(RUN_ENV, None)
+    for inherited in (
+        RUN_ENV,
+        "WANDB_SERVICE",
+    ):  # the W&B service of this process (kept by earlier tests) is not the run's
+        env.pop(inherited, None)
     return env
 
 
