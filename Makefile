@@ -66,9 +66,10 @@ compare: $(STAMP) ## Fine-tune from BACKBONE and from scratch, same budget, SEED
 recipes: $(STAMP) ## Each default recipe vs a naive loop and from scratch, SEEDS, TASKS: runs/recipes/results.md
 	$(PY) scripts/recipes.py --tasks $(TASKS) --seeds $(SEEDS) $(ARGS)
 
-sweep: $(STAMP) ## Optuna search over configs/sweeps/<EXP>.yaml: TRIALS=12 [CV=K], resumable; best YAML in runs/sweeps/<EXP>/
+sweep: $(STAMP) ## Optuna search over configs/sweeps/<EXP>.yaml: TRIALS=12 [CV=K] [CONFIRM="0 1 2"], resumable; best.yaml
 	@test -f configs/sweeps/$(EXP).yaml || { echo "no search space configs/sweeps/$(EXP).yaml (see configs/sweeps/digits.yaml)"; exit 2; }
-	$(PY) scripts/sweep.py --config $(CONFIG) --space configs/sweeps/$(EXP).yaml --trials $(TRIALS) --cv $(CV) $(ARGS)
+	$(PY) scripts/sweep.py --config $(CONFIG) --space configs/sweeps/$(EXP).yaml --trials $(TRIALS) --cv $(CV) \
+	  $(if $(CONFIRM),--confirm $(CONFIRM)) $(ARGS)
 
 cv: $(STAMP) ## K-fold cross-validation of configs/<EXP>.yaml, FOLDS=5: per-fold table, mean ± sd, out-of-fold predictions
 	$(PY) scripts/cv.py --config $(CONFIG) --folds $(FOLDS) $(ARGS)

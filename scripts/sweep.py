@@ -22,6 +22,8 @@
 * At the end: ``<out>/results.md`` and ``trials.csv`` (every trial), the importance of each parameter, ``search.png``
   (the objective by trial and the importances, also logged to W&B), and ``<out>/best.yaml``: the experiment with the
   best parameters, a complete config that ``make train CONFIG=<out>/best.yaml`` runs as is.
+* ``--confirm 0 1 2``: then the best configuration and the experiment as shipped run over those seeds, tested on the
+  test split the search never looked at (``make sweep ... CONFIRM="0 1 2"``); the table goes into ``results.md``.
 * ``--cv K``: a trial's objective is the mean over K folds (``make cv``'s folds), each fold a fresh run.
 * ``--backend wandb`` writes the same space as a W&B sweep (``<out>/wandb_sweep.yaml``) whose agent runs trials
   through this script (``--wandb-trial``), for those who prefer W&B's sweep UI.
@@ -315,6 +317,41 @@ def _to_wandb(sweep: Sweep, rows: list[dict], plot: Path) -> None:
     logger.experiment.finish()
 
 
+def confirm(sweep: Sweep, best_yaml: Path, seeds: list[int]) -> str:
+    """The best configuration and the experiment as shipped, each over ``seeds``, tested on the test split (which the
+    search never saw): a table of every test metric, mean ± sd, appended to ``results.md``."""
+    import statistics
+
+    arms = {"default": sweep.base, "best": load_config(best_yaml)}
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for seed in seeds:
+        for arm, config in arms.items():
+            version = f"{arm}_seed{seed}"
+            run = point_loggers(config, sweep.out, "confirm", version, f"sweep-{sweep.exp}", f"{sweep.exp}-{version}")
+            path = write_config(run, sweep.out / "confirm" / "configs" / f"{version}.yaml")
+            result_file = sweep.out / "confirm" / version / "results.json"
+            log = sweep.out / "confirm" / "logs" / f"{version}.log"
+            if run_training(path, [f"--seed_everything={seed}", f"--results_file={result_file}", *sweep.extra], log):
+                raise RuntimeError(f"confirmation run {version} failed ({tail(log)}); log: {log}")
+            results[arm].append(json.loads(result_file.read_text())["test"])
+            print(f"confirm {version}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(results[arm][-1].items())))
+    metrics = sorted(k for k in results["best"][0] if not k.rsplit("/", 1)[-1].startswith(("f1_", "acc_")))
+    lines = [f"## Best vs default on the test split, seeds {seeds}", "", "| arm | " + " | ".join(metrics) + " |"]
+    lines.append("|---|" + "---|" * len(metrics))
+    for arm, runs in results.items():
+        cells = []
+        for key in metrics:
+            values = [r[key] for r in runs]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.4f} ± {sd:.4f} ({' / '.join(f'{v:.4f}' for v in values)})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (sweep.out / "confirm.json").write_text(json.dumps({"seeds": seeds, "test": results}, indent=1))
+    with (sweep.out / "results.md").open("a") as f:
+        f.write("\n" + table)
+    return table
+
+
 def wandb_sweep(sweep: Sweep) -> Path:
     """The search space as a W&B sweep config whose agent runs each trial through this script."""
     parameters = {}
@@ -364,6 +401,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     parser.add_argument("--fresh", action="store_true", help="start the study over instead of resuming it")
     parser.add_argument("--backend", choices=("optuna", "wandb"), default="optuna")
+    parser.add_argument(
+        "--confirm",
+        type=int,
+        nargs="*",
+        default=[],
+        help="after the search, run the best config and the experiment as shipped over these seeds on the test split",
+    )
     parser.add_argument("--wandb-trial", action="store_true", help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args(argv)
     config = Path(args.config)
@@ -380,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(sweep.out / "trials")
     study = sweep.run(args.trials, args.fresh)
     best = report(sweep, study)
+    if args.confirm:
+        confirm(sweep, best, args.confirm)
     print(f"\n{(sweep.out / 'results.md').read_text()}\nbest config: {best}\n  make train CONFIG={best}")
 
 

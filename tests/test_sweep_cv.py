@@ -154,6 +154,12 @@ def _fake_training(calls: list):
         folder.mkdir(parents=True, exist_ok=True)
         lr = settings["model"]["init_args"]["lr"]
         (folder / "metrics.csv").write_text(f"epoch,step,val/acc\n0,5,{0.5 + lr}\n1,10,{0.6 + lr}\n")
+        for arg in args:  # the confirmation runs ask for their test results
+            if arg.startswith("--results_file="):
+                seed = int(next(a for a in args if a.startswith("--seed_everything=")).split("=")[1])
+                Path(arg.split("=", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+                Path(arg.split("=", 1)[1]).write_text(json.dumps({"test": {"test/acc": 0.7 + lr + seed / 100}}))
+        log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("ok\n")
         calls.append(csv_args["version"])
         return 0
@@ -182,6 +188,21 @@ def test_sweep_writes_the_table_importances_plot_and_a_complete_best_yaml(tmp_pa
     assert chosen["model"]["init_args"]["lr"] == pytest.approx(float(best_row["model.init_args.lr"]))
     assert chosen["trainer"]["logger"] == reference["trainer"]["logger"]  # a plain experiment config again
     assert {k for k in chosen} == {k for k in reference}
+
+
+def test_confirm_runs_the_best_and_the_default_over_seeds_on_the_test_split(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(sweep_script, "run_training", _fake_training(calls))
+    sweep = sweep_script.Sweep(REPO / "configs" / "digits.yaml", _space(tmp_path), tmp_path / "sweep")
+    best = sweep_script.report(sweep, sweep.run(trials=2))
+    table = sweep_script.confirm(sweep, best, [0, 1])
+    assert calls[2:] == ["default_seed0", "best_seed0", "default_seed1", "best_seed1"]
+    best_lr = yaml.safe_load(best.read_text())["model"]["init_args"]["lr"]
+    default_lr = load_config(REPO / "configs" / "digits.yaml")["model"]["init_args"]["lr"]
+    expected = {"default": 0.7 + default_lr + 0.005, "best": 0.7 + best_lr + 0.005}
+    for arm, mean in expected.items():
+        assert f"| {arm} | {mean:.4f} ± 0.0071" in table
+    assert table in (tmp_path / "sweep" / "results.md").read_text()
 
 
 def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path: Path, monkeypatch) -> None:
