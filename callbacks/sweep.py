@@ -88,10 +88,11 @@ class OptunaPruning(Callback):
         prune = trainer.strategy.broadcast(prune, src=0)
         if prune:
             trainer.should_stop = True
-            self._write(pruned=True, epoch=trainer.current_epoch)
+            if trainer.is_global_zero:
+                self._write(pruned=True, epoch=trainer.current_epoch)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._pruned():
+        if trainer.is_global_zero and not self._pruned():
             self._write(pruned=False, epoch=trainer.current_epoch)
 
     def _pruned(self) -> bool:

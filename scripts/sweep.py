@@ -66,13 +66,33 @@ def distributions(space: dict) -> dict:
         if kind == "categorical":
             if not isinstance(values, list) or not values:
                 raise ValueError(f"search space key {key}: categorical needs a non-empty list")
-            out[key] = d.CategoricalDistribution(values)
+            out[key] = d.CategoricalDistribution([_choice(v) for v in values])
             continue
         if not isinstance(values, list) or len(values) != 2 or not values[0] < values[1]:
             raise ValueError(f"search space key {key}: {kind} needs [low, high] with low < high (got {values})")
         cls = d.FloatDistribution if kind == "float" else d.IntDistribution
         low, high = (float(v) for v in values) if kind == "float" else (int(v) for v in values)
-        out[key] = cls(low, high, log=bool(spec.get("log", False)), step=spec.get("step"))
+        step = spec.get("step", None if kind == "float" else 1)
+        out[key] = cls(low, high, log=bool(spec.get("log", False)), step=step)
+    return out
+
+
+def _choice(value):
+    """A categorical choice as Optuna stores it: scalars as they are, a list (``crop_scale: [0.5, 1.0]``) as its YAML
+    text (Optuna's storage keeps scalars only); :func:`decoded` turns it back."""
+    return (
+        value
+        if value is None or isinstance(value, bool | int | float | str)
+        else yaml.safe_dump(value, default_flow_style=True).strip()
+    )
+
+
+def decoded(space: dict, params: dict) -> dict:
+    """The trial's parameters as config values (list choices back from their YAML text)."""
+    out = dict(params)
+    for key, value in params.items():
+        choices = (space.get(key) or {}).get("categorical") or []
+        out[key] = next((c for c in choices if _choice(c) == value), value)
     return out
 
 
@@ -134,7 +154,7 @@ class Sweep:
     def trial_configs(self, number: int, params: dict, fold: int | None = None) -> tuple[dict, dict]:
         """``(clean, run)``: the experiment with the trial's parameters (what ``best.yaml`` is), and the same pointed
         at the trial's folder and W&B group, for the run."""
-        clean = with_overrides(self.base, params)
+        clean = with_overrides(self.base, decoded(self.space["space"], params))
         version = f"trial_{number:03d}" + (f"_fold{fold}" if fold is not None else "")
         run = point_loggers(clean, self.out, "trials", version, f"sweep-{self.exp}", f"{self.exp}-{version}")
         return clean, run

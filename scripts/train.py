@@ -235,7 +235,7 @@ class TrainCLI(LightningCLI):
             writer = csv.writer(f)
             writer.writerow(["key", "fold", "label", "pred", *[f"p_{n}" for n in names]])
             for (key, label), row in zip(keys, probs.tolist(), strict=True):
-                writer.writerow([key, fold, label, names[int(probs.new_tensor(row).argmax())], *row])
+                writer.writerow([key, fold, label, names[row.index(max(row))], *row])
 
 
 def _print_summary(trainer, checkpoint, best: str, results: dict, wall: float, tested: str) -> None:

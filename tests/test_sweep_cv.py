@@ -296,3 +296,35 @@ def test_cv_runs_each_fold_fresh_and_saves_out_of_fold_predictions(tmp_path: Pat
     assert {r["fold"] for r in oof} == {"0", "1"}
     right = sum(r["label"] == r["pred"] for r in oof) / len(oof)
     assert record["oof_accuracy"] == pytest.approx(right)
+
+
+def test_the_space_as_a_wandb_sweep_config(tmp_path: Path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "metric: val/loss\ndirection: minimize\nspace:\n"
+        "  model.init_args.lr: {float: [1.0e-4, 1.0e-2], log: true}\n"
+        "  trainer.callbacks.FreezeUnfreeze.init_args.unfreeze_epoch: {int: [0, 2]}\n"
+        "  data.init_args.crop_scale: {categorical: [[0.5, 1.0], [0.8, 1.0]]}\n"
+    )
+    sweep = sweep_script.Sweep(REPO / "configs" / "digits.yaml", space, tmp_path / "sweep")
+    config = yaml.safe_load(sweep_script.wandb_sweep(sweep).read_text())
+    assert config["metric"] == {"name": "val/loss", "goal": "minimize"}
+    assert config["parameters"]["model.init_args.lr"] == {
+        "distribution": "log_uniform_values",
+        "min": 1e-4,
+        "max": 1e-2,
+    }
+    assert config["parameters"]["trainer.callbacks.FreezeUnfreeze.init_args.unfreeze_epoch"]["distribution"] == (
+        "int_uniform"
+    )
+    assert config["parameters"]["data.init_args.crop_scale"] == {"values": [[0.5, 1.0], [0.8, 1.0]]}
+    assert config["command"][2:5] == ["scripts/sweep.py", "--config", str(REPO / "configs" / "digits.yaml")]
+
+
+def test_list_choices_survive_the_study_storage(tmp_path: Path) -> None:
+    space = {"data.init_args.crop_scale": {"categorical": [[0.5, 1.0], [0.8, 1.0]]}}
+    choices = sweep_script.distributions(space)["data.init_args.crop_scale"].choices
+    assert all(isinstance(c, str) for c in choices)  # what Optuna's SQLite storage keeps
+    assert sweep_script.decoded(space, {"data.init_args.crop_scale": choices[1]}) == {
+        "data.init_args.crop_scale": [0.8, 1.0]
+    }
