@@ -107,11 +107,14 @@ class TrainCLI(LightningCLI):
                 first = loggers[0]
                 root = Path(first.get("save_dir") or "lightning_logs") / (first.get("name") or "")
                 version = first.get("version")
-                if version is None:
-                    run = claim_run_dir(root)
-                else:  # a folder named in the config (a sweep's trial_003): that one
-                    run = root / (version if isinstance(version, str) else f"version_{version}")
+                named = (
+                    None if version is None else root / (version if isinstance(version, str) else f"version_{version}")
+                )
+                if named is not None and self.subcommand == "fit" and not (named / "config.yaml").exists():
+                    run = named  # a new folder named in the config (a sweep's trial_003): that one
                     run.mkdir(parents=True, exist_ok=True)
+                else:  # a run's saved config names its own, used folder: a new run gets a new one
+                    run = claim_run_dir(root)
         if run is None:
             return
         run = run.resolve()  # one spelling of the folder: ModelCheckpoint knows its own last.ckpt by its path
