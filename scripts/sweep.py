@@ -51,6 +51,7 @@ from scripts.experiments import (
 )
 
 KINDS = ("float", "int", "categorical")
+MAX_FAILED_IN_A_ROW = 3  # the sweep stops (with the last log named) after this many failed trials in a row
 
 
 def distributions(space: dict) -> dict:
@@ -167,7 +168,8 @@ class Sweep:
         values, pruned = [], False
         for fold in folds:
             clean, run = self.trial_configs(trial.number, trial.params, fold)
-            write_config(clean, folder / "config.yaml", f"trial {trial.number} of sweep {self.exp}: {trial.params}")
+            # trial.yaml, not config.yaml: a folder holding a config.yaml is a used run, which train.py never reuses
+            write_config(clean, folder / "trial.yaml", f"trial {trial.number} of sweep {self.exp}: {trial.params}")
             run_yaml = write_config(run, folder / f"run{'' if fold is None else f'_fold{fold}'}.yaml")
             status = folder / "status.json"
             status.unlink(missing_ok=True)
@@ -194,8 +196,9 @@ class Sweep:
             value = best_value(metric_by_epoch(run_dir, self.space["metric"]), self.space["direction"])
             if code != 0 or value is None:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                print(f"trial {trial.number}: failed ({tail(log)}); log: {log}", flush=True)
-                return
+                why = tail(log) if code != 0 else f"exit 0 but no {self.space['metric']} in {run_dir / 'metrics.csv'}"
+                print(f"trial {trial.number}: failed ({why}); log: {log}", flush=True)
+                return False
             values.append(value)
             if status.is_file() and json.loads(status.read_text()).get("pruned"):
                 pruned = True
@@ -207,14 +210,20 @@ class Sweep:
         else:
             study.tell(trial, objective)
             print(f"trial {trial.number}: {self.space['metric']} {objective:.4f} {trial.params}", flush=True)
+        return True
 
     def run(self, trials: int, fresh: bool = False):
         import optuna
 
         study = self.study(fresh)
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        failed_in_a_row = 0
         while len(study.get_trials(deepcopy=False, states=finished)) < trials:
-            self.run_trial(study, study.ask(self.distributions))
+            trial = study.ask(self.distributions)
+            failed_in_a_row = 0 if self.run_trial(study, trial) else failed_in_a_row + 1
+            if failed_in_a_row >= MAX_FAILED_IN_A_ROW:  # a broken setup, not a bad draw: stop instead of looping
+                log = self.out / "trials" / f"trial_{trial.number:03d}"
+                raise RuntimeError(f"{failed_in_a_row} trials in a row failed; the last one's log is under {log}")
         return study
 
 

@@ -221,6 +221,24 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path
     assert study.trials[3].params["model.init_args.lr"] == lr
 
 
+def test_a_sweep_whose_trials_keep_failing_stops_and_names_the_log(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+
+    def broken(config: Path, args: list[str], log: Path) -> int:  # a run that exits 0 but logs no metric
+        calls.append(log.parent.name)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("done\n")
+        return 0
+
+    monkeypatch.setattr(sweep_script, "run_training", broken)
+    sweep = sweep_script.Sweep(REPO / "configs" / "digits.yaml", _space(tmp_path), tmp_path / "sweep")
+    with pytest.raises(RuntimeError, match=r"3 trials in a row failed; .*trial_002"):
+        sweep.run(trials=5)
+    assert calls == ["trial_000", "trial_001", "trial_002"]
+    assert (tmp_path / "sweep" / "trials" / "trial_000" / "trial.yaml").is_file()
+    assert not (tmp_path / "sweep" / "trials" / "trial_000" / "config.yaml").exists()  # that name is train.py's
+
+
 def test_pruning_stops_a_trial_whose_metric_is_bad(tmp_path: Path) -> None:
     import optuna
 
@@ -259,8 +277,8 @@ def test_a_real_tiny_sweep_and_its_best_yaml_train(tmp_path: Path) -> None:
     }
     command = [sys.executable, str(REPO / "scripts" / "sweep.py"), "--config", str(REPO / "configs" / "digits.yaml"),
                "--space", str(_space(tmp_path)), "--trials", "3", "--out", str(tmp_path / "sweep"), *tiny]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "best config:" in result.stdout
     folders = sorted(p.name for p in (tmp_path / "sweep" / "trials").iterdir() if (p / "metrics.csv").is_file())
     assert folders == ["trial_000", "trial_001", "trial_002"]
@@ -281,8 +299,8 @@ def test_cv_runs_each_fold_fresh_and_saves_out_of_fold_predictions(tmp_path: Pat
     }
     command = [sys.executable, str(REPO / "scripts" / "cv.py"), "--config", str(REPO / "configs" / "digits.yaml"),
                "--folds", "2", "--out", str(tmp_path / "cv"), *tiny]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     record = json.loads((tmp_path / "cv" / "results.json").read_text())
     assert [r["fold"] for r in record["folds"]] == [0, 1] and "test/acc" in record["summary"]
     for fold in range(2):  # a fresh run: its own folder, its step count starts from 0 (no state carried over)
