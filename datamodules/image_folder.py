@@ -210,8 +210,23 @@ class ImageFolderDataModule(LightningDataModule):
         super().__init__()
         check_fold(fold, num_folds)
         self.save_hyperparameters()
-        self.class_names: list[str] | None = None
+        self._class_names: list[str] | None = None
         self.test_is_val = False  # True when the test split is the validation data (scripts/train.py reads it)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class folders' names, sorted: known before ``setup`` (the model is built with them), from a listing
+        of the training folder; ``setup`` checks that each holds images."""
+        if self._class_names is None:
+            root = Path(self.hparams.data_dir).expanduser()
+            base = root / "train" if (root / "train").is_dir() else root
+            if base.is_dir():
+                self._class_names = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return self._class_names or None
+
+    @class_names.setter
+    def class_names(self, names: list[str] | None) -> None:
+        self._class_names = names
 
     @property
     def num_classes(self) -> int | None:

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.folds import check_fold, fold_split
 from datamodules.loaders import current_epoch, make_loader
-from datamodules.text_classification import sample_rows, tokenizer_path
+from datamodules.text_classification import sample_rows
+from datamodules.tokenizers import tokenizer_path
 
 
 @dataclass
@@ -347,9 +348,9 @@ class SquadDataModule(LightningDataModule):
         return set(held)
 
     def _load_hf(self) -> dict[str, list[QAExample]]:
-        from datasets import load_dataset
+        from datamodules.hub import load_hf_dataset
 
-        loaded = load_dataset(self.options.hf_dataset)
+        loaded = load_hf_dataset(self.options.hf_dataset)
 
         def examples(split: str) -> list[QAExample]:
             out = []

@@ -12,6 +12,22 @@
 Bad input: a missing column (the error lists the columns that exist), bytes that are not UTF-8 (file and line), an
 empty file, and a val/test label unknown to the training split are errors; empty or whitespace-only texts are
 skipped with one warning that counts them.
+
+What a text classification data module yields (what ``TextClassifier`` and ``scripts/train.py`` rely on):
+
+* batches: dicts of tensors, ``input_ids`` and ``attention_mask`` ``(B, T)``, ``token_type_ids`` when the tokenizer
+  makes them (BERT does, sentence pairs need them), and ``labels``: class indices ``(B,)`` (multi-label: 0/1 floats
+  ``(B, C)``);
+* ``num_classes`` and ``class_names`` (label ``i`` is ``class_names[i]``; saved with the checkpoint): this module
+  knows them after ``setup``; one that knows them before (``text_folder.py`` lists its folders) lets the CLI build
+  the model with them;
+* ``options["tokenizer"]``: the model's encoder name (``model.encoder``), checked when the model adopts the data,
+  since token ids index that encoder's vocabulary.
+
+Your own rows in the fewest lines: subclass this module and override ``load_splits`` to return
+``{"train": (rows, where), ...}``, rows being ``{text_column: text, label_column: label}`` dicts and ``where`` a name
+for messages; without ``"val"`` it is held out of train, without ``"test"`` the test stage uses val
+(``datamodules/text_folder.py``, ``datamodules/chatterbot.py``).
 """
 
 from __future__ import annotations
@@ -30,13 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.folds import check_fold, fold_split
 from datamodules.loaders import EpochSampler, current_epoch, make_loader, run_seed
-
-
-def tokenizer_path(name: str) -> str:
-    """Where the tokenizer of a ``TextClassifier`` encoder name lives (the same names as ``model.encoder``)."""
-    from modules.text_encoder import minilm_path
-
-    return str(minilm_path()) if name in ("all-minilm-l6-v2", "bert-tiny") else name
+from datamodules.tokenizers import tokenizer_path
 
 
 class Row(dict):
@@ -242,7 +252,7 @@ class TextClassificationDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.options = options
-        self.class_names: list[str] | None = None
+        self._class_names: list[str] | None = None
         self.cache_hits = 0
 
     @property
@@ -269,10 +279,10 @@ class TextClassificationDataModule(LightningDataModule):
         return splits
 
     def _load_hf(self) -> dict[str, tuple[list[Row], str]]:
-        from datasets import load_dataset
+        from datamodules.hub import load_hf_dataset
 
         hp = self.options
-        loaded = load_dataset(hp.hf_dataset, hp.hf_config)
+        loaded = load_hf_dataset(hp.hf_dataset, hp.hf_config)
         names = getattr(loaded["train"].features.get(hp.label_column), "names", None)
 
         def rows(split: str) -> list[Row]:
@@ -298,8 +308,31 @@ class TextClassificationDataModule(LightningDataModule):
             return
         from transformers import AutoTokenizer
 
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(self.options.tokenizer))
+        rows, where = self._read()
+        self.datasets = {split: self._tokenize(split_rows, where[split]) for split, split_rows in rows.items()}
+        self.test_is_val = "test" not in rows
+        self.datasets.setdefault("test", self.datasets["val"])
+        self.rows = rows | {"test": rows.get("test", rows["val"])}  # the raw rows of each split (scripts/naive.py)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The training labels, sorted (numerically when they are numbers): read with the rows, before ``setup``,
+        since the model is built with them (``scripts/train.py`` links them)."""
+        if self._class_names is None:
+            self._read()
+        return self._class_names
+
+    @class_names.setter
+    def class_names(self, names: list[str] | None) -> None:
+        self._class_names = names
+
+    def _read(self) -> tuple[dict[str, list[Row]], dict[str, str]]:
+        """The clean rows of each split (folds, held-out validation and ``max_train_samples`` applied) and a name of
+        each for messages; read once, and the class names with them."""
+        if getattr(self, "_read_rows", None) is not None:
+            return self._read_rows
         hp = self.options
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(hp.tokenizer))
         raw = self.load_splits()
         rows = {split: self._clean(rows, where) for split, (rows, where) in raw.items()}
         if hp.num_folds:
@@ -309,16 +342,14 @@ class TextClassificationDataModule(LightningDataModule):
             raw["val"] = ("", raw["train"][1] + " (held out)")
         if hp.max_train_samples is not None and not hp.num_folds:
             rows["train"] = sample_rows(rows["train"], hp.max_train_samples, hp.seed)
-        self.class_names = self._label_names(rows["train"])
-        if len(self.class_names) < 2 and not hp.multi_label:
+        names = self._label_names(rows["train"])
+        if len(names) < 2 and not hp.multi_label:
             raise ValueError(
-                f"{raw['train'][1]}: every training row has the label {self.class_names[0]!r}; "
-                "a classifier needs at least two labels"
+                f"{raw['train'][1]}: every training row has the label {names[0]!r}; a classifier needs at least two labels"
             )
-        self.datasets = {split: self._tokenize(split_rows, raw[split][1]) for split, split_rows in rows.items()}
-        self.test_is_val = "test" not in rows
-        self.datasets.setdefault("test", self.datasets["val"])
-        self.rows = rows | {"test": rows.get("test", rows["val"])}  # the raw rows of each split (scripts/naive.py)
+        self._class_names = names
+        self._read_rows = rows, {split: where for split, (_, where) in raw.items()}
+        return self._read_rows
 
     def _clean(self, rows: list[Row], where: str) -> list[Row]:
         """Rows with every needed field; empty texts and (single-label) empty labels are skipped and counted."""
@@ -427,6 +458,31 @@ class TextClassificationDataModule(LightningDataModule):
         torch.save({"flat": flat, "offsets": offsets}, partial)
         partial.replace(cache)  # atomic: a run stopped mid-write never leaves a broken cache entry
         return TokenizedDataset(flat, offsets, labels)
+
+    def texts_of(self, batch: dict[str, torch.Tensor], split: str = "test") -> list[str]:
+        """The original texts of a batch of ``split`` (the run's ``test_samples.csv``): decoding its token ids would
+        show the tokenizer's view instead (lowercased, accents dropped, spaced punctuation, truncated).
+
+        Each row's unpadded ids are looked up in the split, scanning from its start (where the first test batch is)
+        until all are found; identical ids give the first such text, and ids not in the split are decoded."""
+        hp = self.options
+        ids = batch["input_ids"].cpu()
+        mask = batch["attention_mask"].cpu().bool() if "attention_mask" in batch else ids != self.tokenizer.pad_token_id
+        unpadded = [row[keep] for row, keep in zip(ids, mask, strict=True)]
+        wanted = {seq.to(torch.int32).numpy().tobytes() for seq in unpadded}
+        dataset, rows, texts = self.datasets[split], self.rows[split], {}
+        flat, offsets = dataset.flat["input_ids"].numpy(), dataset.offsets.tolist()
+        for i in range(len(dataset)):
+            if len(texts) == len(wanted):
+                break
+            key = flat[offsets[i] : offsets[i + 1]].tobytes()
+            if key in wanted and key not in texts:
+                pair = f" [SEP] {rows[i][hp.text_pair_column]}" if hp.text_pair_column else ""
+                texts[key] = rows[i][hp.text_column] + pair
+        return [
+            texts.get(seq.to(torch.int32).numpy().tobytes()) or self.tokenizer.decode(seq, skip_special_tokens=True)
+            for seq in unpadded
+        ]
 
     def _collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
         labels = torch.stack([f.pop("labels") for f in features])

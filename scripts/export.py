@@ -14,6 +14,7 @@ printed, and one above ``--atol`` is an error.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 
@@ -22,44 +23,57 @@ import torch
 from scripts.from_run import load_run
 
 FORMATS = ("safetensors", "onnx", "torchscript")
+EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the `export` extra of pyproject.toml: ONNX files only
+
+
+def require_export_extra() -> None:
+    """One line naming the ``export`` extra when a package the ONNX export needs is missing (before any work)."""
+    missing = []
+    for name in EXPORT_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError:
+            missing.append(name)
+    if missing:
+        raise ModuleNotFoundError(
+            f"ONNX export needs {', '.join(missing)}, not installed: pip install -e '.[export]' "
+            "(or leave ONNX out: --formats safetensors torchscript)"
+        )
 
 
 def export(
-    ckpt: str, out: str | None = None, formats: tuple[str, ...] = FORMATS, config: str | None = None, atol: float = 1e-4
+    ckpt: str,
+    out: str | None = None,
+    formats: tuple[str, ...] | None = None,
+    config: str | None = None,
+    atol: float = 1e-4,
 ) -> dict[str, Path]:
-    """Write the requested formats to ``out`` (default: ``export/`` in the run directory); returns their paths."""
+    """Write the requested formats to ``out`` (default: ``export/`` in the run directory; None: every format the
+    task supports: the graphs where it has a tensor input); returns their paths."""
     from safetensors.torch import save_file
 
-    from modules.image_classifier import ImageClassifier
-
-    unknown = set(formats) - set(FORMATS)
+    unknown = set(formats or ()) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)}; choose from {FORMATS}")
     model, settings, run_dir = load_run(ckpt, config)
+    if formats is None:
+        formats = FORMATS if model.example_input() is not None else ("safetensors",)
+    if "onnx" in formats:
+        require_export_extra()
     folder = Path(out) if out else run_dir / "export"
     folder.mkdir(parents=True, exist_ok=True)
     hparams = {k: v for k, v in dict(model.hparams).items() if _jsonable(v)}
     meta = {"model_class": settings["model"]["class_path"], "hparams": hparams, "checkpoint": str(ckpt)}
     written: dict[str, Path] = {}
-    image_size = None
-    if isinstance(model, ImageClassifier):
-        image_size = settings["data"].get("init_args", {}).get("image_size") or model.input_size or 224
-        meta |= {
-            "input": {"shape": ["batch", 3, image_size, image_size], "range": [0, 1], "layout": "NCHW"},
-            "output": "logits",
-            "mean": model.normalize.mean.flatten().tolist(),
-            "std": model.normalize.std.flatten().tolist(),
-        }
-    elif hasattr(model, "tokenizer_path"):
-        meta["tokenizer"] = model.tokenizer_path
+    meta |= model.export_meta()  # the task protocol: input shape and normalisation, tokenizer, ...
     if "safetensors" in formats:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"model_class": meta["model_class"]})
         written["safetensors"] = folder / "model.safetensors"
     graphs = [f for f in formats if f in ("onnx", "torchscript")]
-    if graphs and image_size is None:
-        raise ValueError(f"{type(model).__name__}: ONNX and TorchScript export is for image models; use safetensors")
-    example = torch.rand(2, 3, image_size, image_size) if image_size else None
+    example = model.example_input() if graphs else None
+    if graphs and example is None:
+        raise ValueError(f"{type(model).__name__}: ONNX and TorchScript export need a tensor input; use safetensors")
     if "torchscript" in formats:
         model.to_torchscript(folder / "model.ts", method="trace", example_inputs=example)
         written["torchscript"] = folder / "model.ts"
@@ -79,7 +93,7 @@ def export(
     (folder / "config.json").write_text(json.dumps(meta, indent=1))
     written["config"] = folder / "config.json"
     if example is not None:
-        for name, diff in check_parity(model, written, image_size).items():
+        for name, diff in check_parity(model, written, example).items():
             print(f"{name}: largest difference from the Lightning model {diff:.2e}")
             if diff > atol:
                 raise RuntimeError(f"{name} export differs from the model by {diff:.2e} (> atol {atol})")
@@ -87,10 +101,11 @@ def export(
 
 
 @torch.no_grad()
-def check_parity(model, written: dict[str, Path], image_size: int, batch: int = 3) -> dict[str, float]:
-    """Largest absolute logit difference between the model and each exported graph, on random images (a batch size
-    other than the export's, to exercise the dynamic batch)."""
-    images = torch.rand(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+def check_parity(model, written: dict[str, Path], example: torch.Tensor, batch: int = 3) -> dict[str, float]:
+    """Largest absolute output difference between the model and each exported graph, on random inputs shaped like
+    ``example`` (with a batch size other than the export's, to exercise the dynamic batch)."""
+    shape = (batch, *example.shape[1:])
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0), dtype=example.dtype)
     expected = model.eval()(images)
     diffs = {}
     if "torchscript" in written:
@@ -120,17 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="the run's config.yaml, when it is not beside the checkpoint")
     parser.add_argument("--atol", type=float, default=1e-4, help="largest allowed logit difference of an export")
     args = parser.parse_args(argv)
-    formats = tuple(args.formats) if args.formats else None
-    if formats is None:
-        from scripts.from_run import find_config, import_class
-
-        config = Path(args.config) if args.config else find_config(Path(args.ckpt))
-        import yaml
-
-        model_class = import_class(yaml.safe_load(config.read_text())["model"]["class_path"])
-        from modules.image_classifier import ImageClassifier
-
-        formats = FORMATS if issubclass(model_class, ImageClassifier) else ("safetensors",)
+    formats = tuple(args.formats) if args.formats else None  # None: every format the task supports
     for kind, path in export(args.ckpt, args.out, formats, args.config, args.atol).items():
         print(f"{kind}: {path}")
 

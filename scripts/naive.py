@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from modules.text_encoder import minilm_path
+from datamodules.tokenizers import minilm_path
 
 TEXT = {"lr": 5e-5, "batch_size": 32, "max_length": 64}
 QA = {"lr": 1e-4, "batch_size": 16, "max_length": 256, "doc_stride": 64}

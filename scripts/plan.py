@@ -31,7 +31,6 @@ def plan(args: list[str] | None = None, console: Console | None = None) -> list[
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     data.prepare_data()
     data.setup("fit")
-    model.adopt_data(data)
     optimizer = model.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
 

@@ -16,54 +16,17 @@ import csv
 import json
 from pathlib import Path
 
-from datamodules.image_folder import IMAGE_EXTENSIONS, load_rgb
 from scripts.from_run import build_datamodule, load_run
 
 
 def predict(ckpt: str, input_path: str, config: str | None = None) -> list[dict]:
-    """Predictions for ``input_path`` (see the module docstring), one dict per input."""
-    from modules.image_classifier import ImageClassifier
-    from modules.qa import ExtractiveQA
-    from modules.text_classifier import TextClassifier
-
+    """Predictions for ``input_path`` (see the module docstring), one dict per input: the task's ``predict_path``
+    hook, given the run's data module (rebuilt from its config) for the evaluation preprocessing."""
     model, settings, _ = load_run(ckpt, config)
-    data = settings["data"].get("init_args", {})
     source = Path(input_path)
     if not source.exists():
         raise FileNotFoundError(f"input {source} does not exist")
-    if isinstance(model, ImageClassifier):
-        files = (
-            [source]
-            if source.is_file()
-            else sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        )
-        if not files:
-            raise ValueError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        datamodule = build_datamodule(settings)
-        if hasattr(datamodule, "image_transform"):
-            transform = datamodule.image_transform()
-        else:
-            from datamodules.transforms import eval_transform
-
-            transform = eval_transform(data.get("image_size") or model.input_size or 224)
-        rows = model.predict_images([str(p) for p in files], lambda path: transform(load_rgb(path)))
-        if not rows:
-            raise ValueError(f"none of the {len(files)} image(s) in {source} could be decoded")
-        return rows
-    if source.is_dir():
-        raise ValueError(f"{source} is a folder; a {type(model).__name__} predicts on a file (see --help)")
-    if isinstance(model, TextClassifier):
-        max_length = data.get("max_length", 128)
-        if source.suffix.lower() == ".txt":
-            texts = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-            results = model.predict_texts(texts, max_length=max_length)
-            return [{"input": t} | r for t, r in zip(texts, results, strict=True)]
-        column, pair = data.get("text_column", "sentence"), data.get("text_pair_column")
-        return model.predict_file(str(source), column, pair)
-    if isinstance(model, ExtractiveQA):
-        options = {k: data[k] for k in ("max_length", "doc_stride", "max_query_length") if k in data}
-        return model.predict_file(str(source), **options)
-    raise ValueError(f"{type(model).__name__}: no predict path for this model class")
+    return model.predict_path(source, build_datamodule(settings))
 
 
 def write_predictions(rows: list[dict], out: Path) -> Path:

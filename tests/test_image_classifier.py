@@ -28,13 +28,22 @@ def _data(root, **kwargs) -> ImageFolderDataModule:
     return ImageFolderDataModule(str(root), image_size=32, batch_size=4, num_workers=0, **kwargs)
 
 
-def test_head_width_and_class_names_come_from_the_data(tmp_path, split_image_folder) -> None:
-    model = ImageClassifier("resnet_tiny", pretrained=False)
-    assert model.head is None
-    _trainer(tmp_path, max_steps=1, limit_val_batches=1).fit(model, _data(split_image_folder))
+def test_the_cli_links_classes_and_image_size_from_the_data(split_image_folder) -> None:
+    from scripts.train import main
+
+    args = ["--config", "configs/image_folder.yaml", "--data.init_args.data_dir", str(split_image_folder),
+            "--data.init_args.image_size", "48", "--model.init_args.backbone", "resnet_tiny",
+            "--model.init_args.pretrained", "false", "--trainer.logger", "false"]  # fmt: skip
+    model = main(args, run=False).model
     assert model.hparams.num_classes == 3
-    assert model.hparams.class_names == ["blue", "green", "red"]
+    assert model.hparams.class_names == ["blue", "green", "red"]  # listed before setup, from the class folders
+    assert model.hparams.predict_image_size == 48 and model.image_side == 48
     assert model.head[-1].in_features == model.num_features == 512 and model.head[-1].out_features == 3
+
+
+def test_a_model_without_classes_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="ImageClassifier needs num_classes or class_names"):
+        ImageClassifier("resnet_tiny", pretrained=False)
 
 
 def test_num_classes_disagreeing_with_the_data_is_an_error(tmp_path, split_image_folder) -> None:
@@ -43,10 +52,15 @@ def test_num_classes_disagreeing_with_the_data_is_an_error(tmp_path, split_image
         _trainer(tmp_path, max_steps=1).fit(model, _data(split_image_folder))
 
 
-def test_fixed_size_backbone_rejects_another_image_size(tmp_path, split_image_folder) -> None:
-    model = ImageClassifier("vit_tiny", pretrained=False)
+def test_class_names_in_another_order_than_the_data_are_an_error(tmp_path, split_image_folder) -> None:
+    model = ImageClassifier("resnet_tiny", class_names=["red", "green", "blue"], pretrained=False)
+    with pytest.raises(ValueError, match="differ from the data's"):
+        _trainer(tmp_path, max_steps=1).fit(model, _data(split_image_folder))
+
+
+def test_fixed_size_backbone_rejects_another_image_size() -> None:
     with pytest.raises(ValueError, match="backbone vit_tiny takes 32 px images but data.image_size is 16"):
-        _trainer(tmp_path, max_steps=1).fit(model, ImageFolderDataModule(str(split_image_folder), image_size=16))
+        ImageClassifier("vit_tiny", num_classes=3, pretrained=False, predict_image_size=16)
 
 
 def test_class_names_and_num_classes_must_agree() -> None:
@@ -55,7 +69,7 @@ def test_class_names_and_num_classes_must_agree() -> None:
 
 
 def test_checkpoint_round_trip_keeps_classes_and_outputs(tmp_path, split_image_folder) -> None:
-    model = ImageClassifier("mobilenet_v3_tiny", pretrained=False, hidden_dim=16)
+    model = ImageClassifier("mobilenet_v3_tiny", pretrained=False, hidden_dim=16, class_names=["blue", "green", "red"])
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=1)
     trainer.fit(model, _data(split_image_folder))
     trainer.save_checkpoint(tmp_path / "model.ckpt")
@@ -70,9 +84,13 @@ def test_checkpoint_round_trip_keeps_classes_and_outputs(tmp_path, split_image_f
 def test_metrics_confusion_matrix_and_best_accuracy(tmp_path, split_image_folder) -> None:
     from lightning.pytorch.loggers import CSVLogger
 
-    model = ImageClassifier("resnet_tiny", pretrained=False, lr=3e-3)
-    trainer = _trainer(tmp_path, max_epochs=2, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1)
+    from callbacks.tracking import RunReport
+
     data = _data(split_image_folder)
+    model = ImageClassifier("resnet_tiny", pretrained=False, lr=3e-3, class_names=data.class_names)
+    trainer = _trainer(
+        tmp_path, max_epochs=2, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1, callbacks=[RunReport()]
+    )
     trainer.fit(model, data)
     metrics = trainer.callback_metrics
     assert {"train/loss", "val/acc", "val/f1", "val/acc_best"} <= set(metrics)
@@ -88,8 +106,10 @@ def test_metrics_confusion_matrix_and_best_accuracy(tmp_path, split_image_folder
 
 
 def test_testing_without_a_logger_writes_no_file(tmp_path, split_image_folder) -> None:
-    model = ImageClassifier("resnet_tiny", pretrained=False)
-    trainer = _trainer(tmp_path)  # logger=False: log_dir falls back to default_root_dir
+    from callbacks.tracking import RunReport
+
+    model = ImageClassifier("resnet_tiny", pretrained=False, num_classes=3)
+    trainer = _trainer(tmp_path, callbacks=[RunReport()])  # logger=False: log_dir falls back to default_root_dir
     trainer.test(model, _data(split_image_folder), verbose=False)
     assert model.confusion_matrix.sum() == 6
     assert not (tmp_path / "confusion_matrix.csv").exists()

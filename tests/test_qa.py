@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from datamodules.squad import QAExample, SquadDataModule, make_windows, parse_squad, read_squad
 from modules.qa import ExtractiveQA, decode_answers, span_candidates, squad_scores
-from modules.text_encoder import minilm_path
+from datamodules.tokenizers import minilm_path
 
 FILLER = (
     "The river runs north past old mills and quiet farms, and the valley widens where the hills fall away. "

@@ -127,8 +127,8 @@ class _StopAtStart(LinearProbe):
 
 def test_linear_probe_fits_the_head_before_the_first_step_and_leaves_the_backbone(tmp_path, image_folder) -> None:
     torch.manual_seed(0)
-    model = ImageClassifier("resnet_tiny", pretrained=False, lr=1e-3)
     data = ImageFolderDataModule(str(image_folder), image_size=16, batch_size=4, num_workers=0)
+    model = ImageClassifier("resnet_tiny", pretrained=False, lr=1e-3, class_names=data.class_names)
     probe = _StopAtStart(l2=1e-3)
     trainer = Trainer(
         default_root_dir=tmp_path, max_epochs=1, logger=False, enable_progress_bar=False, callbacks=[probe]

@@ -120,11 +120,17 @@ def test_empty_file_is_an_error(text_dir: Path) -> None:
         _data(text_dir)
 
 
-def test_model_and_data_must_name_the_same_tokenizer(text_dir: Path, tmp_path: Path) -> None:
-    model = TextClassifier("bert-tiny")
-    data = TextClassificationDataModule(str(text_dir), tokenizer="bert-base-uncased", cache_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="data.tokenizer is 'bert-base-uncased' but model.encoder is 'bert-tiny'"):
-        model.adopt_data(data)
+def test_the_cli_links_the_encoder_to_the_tokenizer_and_the_classes_to_the_model(text_dir: Path, tmp_path: Path) -> None:
+    from scripts.train import main
+
+    args = ["--config", "configs/text_sst2.yaml", "--data.init_args.data_dir", str(text_dir),
+            "--data.init_args.cache_dir", str(tmp_path), "--data.init_args.max_length", "40",
+            "--data.init_args.test_file", "null",
+            "--model.init_args.encoder", "bert-tiny", "--trainer.logger", "false"]  # fmt: skip
+    cli = main(args, run=False)
+    assert cli.datamodule.options.tokenizer == "bert-tiny"  # one name: the data tokenizes for the model's encoder
+    assert cli.model.hparams.class_names == ["neg", "pos"]  # read before setup, from the training file
+    assert cli.model.hparams.predict_max_length == 40
 
 
 def test_encoder_layer_groups_feed_the_engine() -> None:
@@ -148,7 +154,7 @@ def test_mean_pooling_ignores_padding() -> None:
 
 def test_tiny_bert_learns_labels_survive_a_checkpoint_and_predict_strings(text_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = TextClassifier("bert-tiny", lr=3e-3, backbone_lr=3e-3, dropout=0.0)
+    model = TextClassifier("bert-tiny", lr=3e-3, backbone_lr=3e-3, dropout=0.0, class_names=["neg", "pos"])
     trainer = Trainer(
         default_root_dir=tmp_path,
         max_epochs=12,
@@ -181,8 +187,7 @@ def test_multi_label_targets_and_loss(text_dir: Path) -> None:
     dm = _data(text_dir, multi_label=True)
     assert dm.class_names == ["other", "price", "speed"]
     assert dm.datasets["train"].labels[0].tolist() == [0.0, 1.0, 1.0]
-    model = TextClassifier("bert-tiny", multi_label=True)
-    model.adopt_data(dm)
+    model = TextClassifier("bert-tiny", multi_label=True, class_names=dm.class_names)
     batch = next(iter(dm.train_dataloader()))
     inputs, labels = model.split_batch(batch)
     assert model.loss(model(inputs), labels).ndim == 0

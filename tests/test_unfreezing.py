@@ -53,7 +53,7 @@ class Snapshots(Callback):
 
 def _fit(tmp_path, strategy, max_epochs=3, ckpt_path=None, extra=(), **model_kwargs):
     torch.manual_seed(0)
-    model = ImageClassifier("resnet_tiny", pretrained=False, dropout=0.0, lr=1e-2, **model_kwargs)
+    model = ImageClassifier("resnet_tiny", num_classes=3, pretrained=False, dropout=0.0, lr=1e-2, **model_kwargs)
     snapshots = Snapshots()
     trainer = Trainer(
         default_root_dir=tmp_path,
