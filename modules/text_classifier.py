@@ -132,7 +132,9 @@ class TextClassifier(Classifier):
         """Classify a ``.txt`` file (one text per line) or the rows of a CSV/TSV/JSON/JSONL file, read from the
         data module's text column(s) (``text_column``, ``text_pair_column``)."""
         if source.is_dir():
-            raise ValueError(f"{source} is a folder; a text classifier predicts on a .txt, CSV, TSV, JSON or JSONL file")
+            raise ValueError(
+                f"{source} is a folder; a text classifier predicts on a .txt, CSV, TSV, JSON or JSONL file"
+            )
         if source.suffix.lower() == ".txt":
             texts = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
             return [{"input": t} | r for t, r in zip(texts, self.predict_texts(texts), strict=True)]

@@ -17,7 +17,7 @@ import re
 from torch import nn
 
 from datamodules.tokenizers import tokenizer_path
-from modules.backbones import Backbone
+from modules.backbone_spec import Backbone
 
 _LAYER = re.compile(r"^(.*?\.layers?\.(\d+)\.)")
 

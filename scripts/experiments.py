@@ -1,5 +1,7 @@
 """What ``make sweep`` and ``make cv`` share: an experiment YAML edited by dotted keys, its loggers pointed at one
 folder and one W&B group, a run of ``scripts/train.py`` in a fresh process, and the metric read back from the run.
+Also how an experiment YAML is composed (shared with ``scripts/train.py``): ``configs/base.yaml`` first, the
+experiment on top, its runs named once.
 
 A dotted key walks the YAML; inside a list (``trainer.callbacks``, ``trainer.logger``) a part names an element by its
 class: ``trainer.callbacks.LRSchedule.init_args.warmup`` is the ``warmup`` of the ``LRSchedule`` callback.
@@ -18,17 +20,121 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# What every experiment shares (trainer settings, loggers, callbacks): train.py applies it before the experiment's
+# --config, as the CLI's default config file; load_config composes it the same way.
+BASE_CONFIG = REPO / "configs" / "base.yaml"
+FOLDER_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # their name is the runs' folder: <save_dir>/<name>/version_N
+UNNAMED = (None, "lightning_logs")  # a CSV/TensorBoard logger left unnamed, or at Lightning's default name
 
 
-def load_config(path: str | Path) -> dict:
-    """The experiment YAML as a dict; an error names a file that is missing or not a mapping."""
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file as a dict, as written; an error names a file that is missing or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"experiment config {path} does not exist")
+        raise FileNotFoundError(f"config {path} does not exist")
     config = yaml.safe_load(path.read_text())
     if not isinstance(config, dict):
         raise ValueError(f"{path} is not a YAML mapping of trainer/model/data settings")
     return config
+
+
+def load_config(path: str | Path) -> dict:
+    """The experiment YAML as ``scripts/train.py fit --config <path>`` sees it, as one plain dict: ``configs/base.yaml``
+    with the experiment on top (see :func:`compose`), its runs named (:func:`name_runs`) and its callbacks in order
+    (:func:`order_callbacks`). Written back with :func:`write_config`, it is a complete experiment config again."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"experiment config {path} does not exist")
+    config = read_yaml(path)
+    if BASE_CONFIG.is_file() and path.resolve() != BASE_CONFIG.resolve():
+        config = compose(read_yaml(BASE_CONFIG), config)
+    name_runs(config, path.stem)
+    order_callbacks(config)
+    return config
+
+
+def compose(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``, as the CLI merges config files: mappings merge key by key, except a class
+    (``class_path``) replaced by another, which comes with its own ``init_args`` only; a list or value replaces the
+    base's; ``key+:`` appends to the base's list."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(key, str) and key.endswith("+"):
+            key = key[:-1]
+            before = merged.get(key)
+            before = [] if before is None else before if isinstance(before, list) else [before]
+            merged[key] = before + copy.deepcopy(value if isinstance(value, list) else [value])
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            other_class = value.get("class_path", merged[key].get("class_path")) != merged[key].get("class_path")
+            merged[key] = copy.deepcopy(value) if other_class else compose(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _class_name(entry) -> str:
+    class_path = entry.get("class_path") if hasattr(entry, "get") else None
+    return str(class_path or "").rsplit(".", 1)[-1]
+
+
+def _entries(value) -> list:
+    """The entries of a ``trainer.logger`` or ``trainer.callbacks`` value (a list, one entry, or none)."""
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def name_runs(config, default_name: str | None = None) -> str | None:
+    """Name the experiment's runs from one place: ``config["name"]`` (else ``default_name``, the experiment file's
+    name) becomes the folder name of every CSV/TensorBoard logger left unnamed (``runs/<name>/version_N``) and the run
+    name and group of the (first) W&B logger, whose tags default to ``config["tags"]`` or ``[name]``. A name a logger
+    gives itself is kept. In place, on a plain dict or the CLI's namespace; returns the name (None: nothing named)."""
+    name = config.get("name") or default_name
+    if not name:
+        return None
+    config["name"] = name
+    trainer = config.get("trainer")
+    loggers = _entries(trainer.get("logger")) if trainer is not None else []
+    wandb_seen = False
+    for logger in loggers:
+        if not hasattr(logger, "get"):
+            continue  # a logger object, not a config entry
+        kind = _class_name(logger)
+        if kind.endswith("WandbLogger"):
+            if wandb_seen:  # a later W&B logger (configs/presets/wandb.yaml) only adjusts the first: train.py folds it
+                continue
+            wandb_seen = True
+        elif kind not in FOLDER_LOGGERS:
+            continue
+        if logger.get("init_args") is None:
+            logger["init_args"] = type(logger)()
+        args = logger["init_args"]
+        if kind in FOLDER_LOGGERS:
+            if args.get("name") in UNNAMED:
+                args["name"] = name
+            continue
+        for key in ("name", "group"):
+            if args.get(key) is None:
+                args[key] = name
+        if args.get("tags") is None:
+            args["tags"] = list(config.get("tags") or [name])
+    return name
+
+
+def _observes(entry) -> bool:
+    """Callbacks that show what the others did: the LR monitor reads the LR that LRSchedule (or any callback) set in
+    the same hook, and the progress bar shows the metrics."""
+    kind = _class_name(entry)
+    return kind == "LearningRateMonitor" or kind.endswith("ProgressBar")
+
+
+def order_callbacks(config) -> None:
+    """Put ``LearningRateMonitor`` and progress bars after the other callbacks, keeping each group's order, so that
+    callbacks an experiment appends to the base's (``trainer.callbacks+:``) act before the LR is logged. In place."""
+    trainer = config.get("trainer")
+    callbacks = trainer.get("callbacks") if trainer is not None else None
+    if isinstance(callbacks, list):
+        trainer["callbacks"] = [c for c in callbacks if not _observes(c)] + [c for c in callbacks if _observes(c)]
 
 
 def _child(node, part: str, key: str, create: bool):

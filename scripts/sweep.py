@@ -43,6 +43,7 @@ from scripts.experiments import (
     load_config,
     metric_by_epoch,
     point_loggers,
+    read_yaml,
     run_training,
     set_key,
     tail,
@@ -98,7 +99,7 @@ def decoded(space: dict, params: dict) -> dict:
 
 
 def read_space(path: Path) -> dict:
-    space = load_config(path)
+    space = read_yaml(path)
     if not isinstance(space.get("space"), dict) or not space["space"]:
         raise ValueError(f"{path}: no 'space' mapping of config keys to distributions")
     space.setdefault("metric", "val/acc")

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -30,15 +32,17 @@ from pathlib import Path
 
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning import LightningDataModule, LightningModule
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.reliability import AtomicCheckpointIO, Checkpoint, EpochSeed, FiniteGuard, RunError
-from callbacks.tracking import RunReport, git_commit, run_dir, wandb_loggers
+from callbacks.tracking import RichSummary, RunReport, fold_wandb_loggers, git_commit, run_dir, wandb_loggers
+from scripts.experiments import BASE_CONFIG, name_runs, order_callbacks
 from scripts.run_folders import (
     RUN_ENV,
     checkpoint_position,
@@ -54,6 +58,10 @@ FOLDER_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # loggers whose save_dir/na
 
 # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per run: noise, not a user's concern.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# Lightning 2.6 advertises litlogger at every Trainer: that one record is dropped, Lightning's other messages stay.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
+)
 
 
 class SaveConfig(SaveConfigCallback):
@@ -72,9 +80,88 @@ class SaveConfig(SaveConfigCallback):
                 logger.experiment.config.update({"config": resolved, "git_commit": commit}, allow_val_change=True)
 
 
+# What a model needs from its data, stated once. A link whose source or target the chosen classes lack is skipped
+# (an image model has no encoder; a QA model no classes), so one list serves every task. The classes are read from
+# the data module object (``num_classes``, ``class_names``, available before ``setup``); the rest are arguments.
+DATA_LINKS = (
+    ("data", "model.init_args.num_classes", "num_classes"),
+    ("data", "model.init_args.class_names", "class_names"),
+)
+ARGUMENT_LINKS = (
+    ("model.init_args.encoder", "data.init_args.tokenizer"),  # the data tokenizes for the model's encoder
+    ("data.init_args.image_size", "model.init_args.predict_image_size"),  # what predict and export feed
+    ("data.init_args.max_length", "model.init_args.predict_max_length"),  # raw texts are cut as in training
+    ("data.init_args.doc_stride", "model.init_args.predict_doc_stride"),
+    ("data.init_args.max_query_length", "model.init_args.predict_max_query_length"),
+)
+
+
+def _data_attribute(name: str):
+    def read(datamodule):
+        return getattr(datamodule, name, None)  # None: the data module does not provide it; the model's own stands
+
+    return read
+
+
+def link_data_to_model(parser: LightningArgumentParser) -> None:
+    """Declare the links between the data module and the model (see ``DATA_LINKS`` and ``ARGUMENT_LINKS``)."""
+    for source, target, attribute in DATA_LINKS:
+        parser.link_arguments(source, target, compute_fn=_data_attribute(attribute), apply_on="instantiate")
+    for source, target in ARGUMENT_LINKS:
+        parser.link_arguments(source, target)
+
+
+def base_config_kwargs(run: bool) -> dict:
+    """``parser_kwargs`` that load ``configs/base.yaml`` (the trainer settings, loggers and callbacks every experiment
+    shares) before any ``--config``: an experiment YAML holds only what differs. Per subcommand (``fit``, ``test``
+    ...), or for the one parser of ``run=False``."""
+    kwargs = {"default_config_files": [str(BASE_CONFIG)]}
+    return {subcommand: dict(kwargs) for subcommand in LightningCLI.subcommands()} if run else kwargs
+
+
+def add_experiment_arguments(parser: LightningArgumentParser) -> None:
+    parser.add_argument(
+        "--name",
+        type=str | None,
+        default=None,
+        help="The experiment's name, given once: the runs go to <save_dir>/<name>/version_N and to W&B as run name, "
+        "group and tag, unless a logger names its own (default: the first --config file's name, digits for "
+        "configs/digits.yaml).",
+    )
+    parser.add_argument("--tags", type=list[str] | None, default=None, help="W&B tags of the runs (default: [name]).")
+
+
+def resolve_experiment(config) -> None:
+    """Name the runs from ``name`` (default: the first ``--config`` file's name) and put the LR monitor and progress
+    bar after the other callbacks (``scripts/experiments.py``: ``name_runs``, ``order_callbacks``). In place, on the
+    parsed config, with or without its subcommand level."""
+    if not isinstance(config, Namespace):
+        return
+    subcommand = config.get("subcommand")
+    if subcommand and isinstance(config.get(subcommand), Namespace):
+        config = config[subcommand]
+    if not isinstance(config.get("trainer"), Namespace):
+        return
+    files = [Path(os.fspath(path)) for path in config.get("config") or [] if path is not None]
+    name_runs(config, files[0].stem if files else None)
+    order_callbacks(config)
+
+
+class ExperimentParser(LightningArgumentParser):
+    """The CLI's parser: what it prints (``--print_config``) and saves is the experiment as it runs, its runs named and
+    its callbacks in order (:func:`resolve_experiment`)."""
+
+    def dump(self, cfg, *args, **kwargs):
+        if isinstance(cfg, Namespace):
+            cfg = cfg.clone()
+            resolve_experiment(cfg)
+        return super().dump(cfg, *args, **kwargs)
+
+
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=True, help="Test the best checkpoint after fit.")
+        add_experiment_arguments(parser)
         parser.add_argument(
             "--run",
             type=str | None,
@@ -92,10 +179,16 @@ class TrainCLI(LightningCLI):
             help="After fit, write the last weights' predictions on the validation split as CSV here (the "
             "out-of-fold predictions of `make cv`; classifiers whose data module has folds).",
         )
+        link_data_to_model(parser)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        resolve_experiment(self.config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._kept_metrics = None
+        fold_wandb_loggers(config.trainer.get("logger"))  # a preset's W&B logger configures the experiment's
         if config.trainer.get("fast_dev_run"):
             return  # Lightning runs it without loggers; nothing may be written
         loggers = _folder_loggers(config.trainer.get("logger"))
@@ -166,6 +259,8 @@ class TrainCLI(LightningCLI):
         for callback in trainer.callbacks:
             if type(callback) is ModelCheckpoint:  # same arguments, plus last.ckpt every epoch
                 callback.__class__ = Checkpoint
+            if type(callback) is RichModelSummary:  # Lightning's default, without "Total FLOPs: 0"
+                callback.__class__ = RichSummary
         for kind in (RunReport, EpochSeed, FiniteGuard):  # plots, exact resume, NaN guard: every run
             if not any(isinstance(c, kind) for c in trainer.callbacks):
                 trainer.callbacks.append(kind())
@@ -219,6 +314,7 @@ class TrainCLI(LightningCLI):
             if settings.get("results_file"):
                 Path(settings["results_file"]).parent.mkdir(parents=True, exist_ok=True)
                 Path(settings["results_file"]).write_text(json.dumps(self.results, indent=1))
+            _finish_wandb(trainer)  # what W&B prints as its run ends comes before the summary, the last thing shown
             _print_summary(trainer, checkpoint, best, results, wall, tested_weights)
 
     def _write_out_of_fold(self, path: Path) -> None:
@@ -265,16 +361,22 @@ def main(args: list[str] | None = None, run: bool = True) -> TrainCLI:
         seed_everything_default=42,
         save_config_callback=SaveConfig,
         save_config_kwargs={"overwrite": True},
+        parser_class=ExperimentParser,
+        parser_kwargs=base_config_kwargs(run),
         args=args,
         run=run,
     )
     if run:
         # Close the W&B run now (Lightning leaves it open): its files are complete, and a later run in the same
         # process (a resume) starts its own.
-        for logger in wandb_loggers(cli.trainer):
-            if logger._experiment is not None:
-                logger.experiment.finish()
+        _finish_wandb(cli.trainer)
     return cli
+
+
+def _finish_wandb(trainer) -> None:
+    for logger in wandb_loggers(trainer):
+        if logger._experiment is not None:
+            logger.experiment.finish()  # a no-op when the run has already finished
 
 
 def _folder_loggers(logger) -> list:
@@ -301,7 +403,13 @@ def run_cli(main_function) -> None:
     try:
         main_function()
     except Exception as err:
+        while "Call to compute_fn of link" in str(err) and err.__cause__ is not None:
+            err = err.__cause__  # jsonargparse wraps what a data module raised while the links were read
         message = " ".join(str(err).split()) or type(err).__name__
+        # jsonargparse reports a model or data class that raised while being built as a failed match of every
+        # subtype ("Errors: - <ours> - Expected a <class 'NoneType'> ..."): keep our message.
+        union = re.search(r"Union subtypes .*?Errors: - (.*?) - Expected a <class 'NoneType'>", message)
+        message = union.group(1) if union else message
         print(f"error: {message}  (--debug shows the traceback)", file=sys.stderr, flush=True)
         sys.exit(1)
 

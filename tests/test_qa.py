@@ -12,8 +12,8 @@ from lightning import Callback, Trainer
 from transformers import AutoTokenizer
 
 from datamodules.squad import QAExample, SquadDataModule, make_windows, parse_squad, read_squad
-from modules.qa import ExtractiveQA, decode_answers, span_candidates, squad_scores
 from datamodules.tokenizers import minilm_path
+from modules.qa import ExtractiveQA, decode_answers, span_candidates, squad_scores
 
 FILLER = (
     "The river runs north past old mills and quiet farms, and the valley widens where the hills fall away. "

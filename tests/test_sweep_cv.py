@@ -184,7 +184,7 @@ def test_sweep_writes_the_table_importances_plot_and_a_complete_best_yaml(tmp_pa
     assert "Parameter importance" in results and f"Best: trial {best_row['trial']}" in results
     assert (tmp_path / "sweep" / "search.png").stat().st_size > 1000
     chosen = yaml.safe_load(best.read_text())
-    reference = yaml.safe_load(config.read_text())
+    reference = load_config(config)  # the experiment as composed (configs/base.yaml + digits.yaml)
     assert chosen["model"]["init_args"]["lr"] == pytest.approx(float(best_row["model.init_args.lr"]))
     assert chosen["trainer"]["logger"] == reference["trainer"]["logger"]  # a plain experiment config again
     assert {k for k in chosen} == {k for k in reference}

@@ -120,7 +120,9 @@ def test_empty_file_is_an_error(text_dir: Path) -> None:
         _data(text_dir)
 
 
-def test_the_cli_links_the_encoder_to_the_tokenizer_and_the_classes_to_the_model(text_dir: Path, tmp_path: Path) -> None:
+def test_the_cli_links_the_encoder_to_the_tokenizer_and_the_classes_to_the_model(
+    text_dir: Path, tmp_path: Path
+) -> None:
     from scripts.train import main
 
     args = ["--config", "configs/text_sst2.yaml", "--data.init_args.data_dir", str(text_dir),

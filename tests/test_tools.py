@@ -65,8 +65,8 @@ class _Recording(ImageClassifier):
 @pytest.mark.parametrize("freeze", [False, True])
 def test_lr_finder_sweeps_the_head_keeps_ratios_and_the_first_phase(tmp_path, image_folder, freeze) -> None:
     torch.manual_seed(0)
-    model = _Recording("resnet_tiny", pretrained=False, lr=1e-2, backbone_lr_ratio=0.1)
     data = ImageFolderDataModule(str(image_folder), image_size=16, batch_size=4, num_workers=0)
+    model = _Recording("resnet_tiny", pretrained=False, lr=1e-2, backbone_lr_ratio=0.1, class_names=data.class_names)
     trainer = Trainer(
         default_root_dir=tmp_path,
         max_epochs=5,

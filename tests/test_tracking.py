@@ -116,7 +116,7 @@ def test_export_matches_the_model(tiny_run: dict, tmp_path: Path) -> None:
 
     written = export(tiny_run["best"], str(tmp_path))
     model, _, _ = load_run(tiny_run["best"])
-    diffs = check_parity(model, written, image_size=32, batch=5)
+    diffs = check_parity(model, written, model.example_input(), batch=5)
     assert set(diffs) == {"onnx", "torchscript"} and max(diffs.values()) < 1e-4
     fresh, _, _ = load_run(tiny_run["best"])
     with torch.no_grad():
