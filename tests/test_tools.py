@@ -105,3 +105,17 @@ def test_lr_find_script_saves_the_plot(tmp_path, monkeypatch) -> None:
     assert suggestion is None or 1e-6 <= suggestion <= 1.0
     assert not (tmp_path / "runs" / "digits").exists() and not (tmp_path / "runs" / "wandb").exists()  # no run used
     assert not (tmp_path / "config.yaml").exists() and not list(tmp_path.glob(".lr_find*"))
+
+
+@pytest.mark.parametrize("experiment", ["squad", "pretrain_text"])
+def test_plan_of_the_text_experiments_without_classes(experiment: str, tmp_path, image_folder) -> None:
+    """`make plan EXP=squad` and `EXP=pretrain_text` called adopt_data, which QA and MLM modules lack."""
+    from tests.test_cli import _data_args
+
+    config = REPO / "configs" / f"{experiment}.yaml"
+    args = ["--config", str(config), *_data_args(config, image_folder, tmp_path), "--model.init_args.encoder=bert-tiny"]
+    args += ["--trainer.logger=false", "--trainer.max_epochs=2"]
+    phases = plan(args)
+    assert phases and "head" in phases[-1]["groups"] and phases[-1]["groups"]["head"]["trainable"]
+    groups = {g for phase in phases for g in phase["groups"]}
+    assert {"backbone.embeddings", "backbone.layer0", "backbone.layer1"} <= groups  # bert-tiny's groups
