@@ -421,7 +421,8 @@ def test_a_folder_given_to_a_text_model_is_named(tmp_path: Path, monkeypatch) ->
 
     model = TextClassifier("bert-tiny", num_classes=2, class_names=["neg", "pos"])
     monkeypatch.setattr(predict, "load_run", lambda ckpt, config: (model, {"data": {}}, tmp_path))
-    with pytest.raises(ValueError, match=rf"{tmp_path} is a folder; a TextClassifier predicts on a file"):
+    monkeypatch.setattr(predict, "build_datamodule", lambda settings: None)
+    with pytest.raises(ValueError, match=rf"{tmp_path} is a folder; a text classifier predicts on a .txt, CSV"):
         predict.predict("x.ckpt", str(tmp_path))
 
 
