@@ -88,6 +88,16 @@ def _readable(path: Path) -> str | None:
     return None
 
 
+def list_class_folders(data_dir: str | Path) -> list[str] | None:
+    """The class folders of a data set, sorted, without reading a file: those of ``data_dir/train`` when it exists,
+    else of ``data_dir``; None when the folder does not exist (``setup`` then says so)."""
+    root = Path(data_dir).expanduser()
+    base = root / "train" if (root / "train").is_dir() else root
+    if not base.is_dir():
+        return None
+    return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def scan_class_folders(
     root: Path, class_names: list[str] | None = None, verify: bool = True
 ) -> tuple[list[Sample], list[str]]:
@@ -218,10 +228,7 @@ class ImageFolderDataModule(LightningDataModule):
         """The class folders' names, sorted: known before ``setup`` (the model is built with them), from a listing
         of the training folder; ``setup`` checks that each holds images."""
         if self._class_names is None:
-            root = Path(self.hparams.data_dir).expanduser()
-            base = root / "train" if (root / "train").is_dir() else root
-            if base.is_dir():
-                self._class_names = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+            self._class_names = list_class_folders(self.hparams.data_dir)
         return self._class_names or None
 
     @class_names.setter

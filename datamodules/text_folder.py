@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from datamodules.image_folder import Sample, split_per_class
+from datamodules.image_folder import Sample, list_class_folders, split_per_class
 from datamodules.text_classification import Row, TextClassificationDataModule
 
 
@@ -135,10 +135,7 @@ class TextFolderDataModule(TextClassificationDataModule):
         """The class folders' names, sorted: known before ``setup`` (the CLI builds the model with them), from a
         listing of the training folder; ``setup`` checks that each holds a usable file."""
         if self._class_names is None:
-            root = Path(self.options.data_dir).expanduser()
-            base = root / "train" if (root / "train").is_dir() else root
-            if base.is_dir():
-                self._class_names = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+            self._class_names = list_class_folders(self.options.data_dir)
         return self._class_names or None
 
     @class_names.setter
