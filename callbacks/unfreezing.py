@@ -74,7 +74,9 @@ class BackboneFreezing(Callback):
             )
         self.groups = list(pl_module.layer_groups)
         self.validate(self.groups)
-        self.params = split_by_group(pl_module.backbone, pl_module.layer_groups)
+        # Under LoRA only the adapters are tunable: the base weights stay frozen whatever the phase.
+        tunable = getattr(pl_module, "tunable_parameters", None)
+        self.params = tunable() if tunable else split_by_group(pl_module.backbone, pl_module.layer_groups)
         self.batchnorms = _batchnorms_by_group(pl_module.backbone, pl_module.layer_groups)
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 0
         phases = self.phases(self.groups, max_epochs) if max_epochs else None

@@ -8,6 +8,7 @@ the other parts train. ``make cv`` runs one fresh run per fold (``scripts/cv.py`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -65,6 +66,11 @@ def fold_split(
         if splitter is not None:
             train, val = list(splitter.split(index, np.asarray(labels)))[fold]
             return train.tolist(), val.tolist()
+        warnings.warn(
+            f"{where}: a class has {counts.min()} item(s), fewer than data.num_folds={num_folds}, so the folds cannot "
+            "keep the label proportions: plain shuffled folds instead (some folds miss that class)",
+            stacklevel=2,
+        )
     # No labels, or a class smaller than the number of folds (it cannot be in every fold): plain shuffled folds.
     train, val = list(KFold(num_folds, shuffle=True, random_state=seed).split(index))[fold]
     return train.tolist(), val.tolist()

@@ -26,6 +26,8 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
+from modules.adapters import LoRA, base_fingerprint, base_parameter_names, inject_lora, merge_adapters
+from modules.backbones import split_by_group
 from modules.param_groups import build_param_groups
 
 
@@ -41,6 +43,9 @@ class FineTuneModule(LightningModule):
         layer_decay: layer-wise LR decay: each backbone group gets the LR of the group above it times this.
         weight_decay: weight decay of weight matrices and kernels (biases and norm parameters get none).
         optimizer: optimizer class (``class_path`` in YAML); it receives the named parameter groups.
+        lora: LoRA adapters on the backbone (``modules.adapters.LoRA``: rank, alpha, dropout, target modules;
+            ``configs/presets/lora.yaml``): the backbone's own weights stay frozen, its adapters and the head train,
+            and checkpoints hold only what trains plus a fingerprint of the base weights.
     """
 
     def __init__(
@@ -51,23 +56,91 @@ class FineTuneModule(LightningModule):
         layer_decay: float | None = None,
         weight_decay: float = 0.01,
         optimizer: OptimizerCallable = torch.optim.AdamW,
+        lora: LoRA | None = None,
     ):
         super().__init__()
         # Collects the arguments of every constructor in the chain (the task's and these), whatever their defaults.
         self.save_hyperparameters(ignore=["optimizer"])
+        self.lora = LoRA.from_value(lora)
+        # A plain dict in the checkpoint's hyperparameters: checkpoints are read with weights_only=True.
+        self.hparams.lora = self.lora.as_dict() if self.lora else None
         self.optimizer = optimizer
+        self.frozen_base: frozenset[str] = frozenset()  # backbone parameters that never train (LoRA's base)
+        self._base_fingerprint: str | None = None
+
+    def apply_adapters(self) -> None:
+        """The last step of a task's ``__init__``, once ``backbone`` holds its final weights: inject the LoRA adapters
+        of ``model.lora`` (nothing without it)."""
+        if self.lora is None:
+            return
+        self.adapted_layers = inject_lora(self.backbone, self.lora)
+        self.frozen_base = frozenset(base_parameter_names(self.backbone, self.lora))
+
+    def tunable_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Layer group -> the backbone parameters that may train in it (what a freezing strategy toggles): all of
+        them, or only the adapters (and biases) under LoRA."""
+        groups = split_by_group(self.backbone, self.layer_groups)
+        if not self.frozen_base:
+            return groups
+        tunable = {id(p) for n, p in self.backbone.named_parameters() if n not in self.frozen_base}
+        return {group: [p for p in params if id(p) in tunable] for group, params in groups.items()}
+
+    def base_fingerprint(self) -> str:
+        """SHA-256 of the frozen base weights (computed once: they never change)."""
+        if self._base_fingerprint is None:
+            named = dict(self.backbone.named_parameters())
+            self._base_fingerprint = base_fingerprint({n: named[n] for n in self.frozen_base})
+        return self._base_fingerprint
+
+    def for_export(self) -> FineTuneModule:
+        """The model as it should be served: LoRA adapters merged into plain layers (each merged layer checked
+        against its adapter layer), so the export needs neither peft nor the base weights separately."""
+        if self.lora is not None and self.frozen_base:
+            count = merge_adapters(self.backbone)
+            print(f"merged the LoRA adapters of {count} layers into the backbone")
+            self.frozen_base = frozenset()
+        return self
 
     def configure_optimizers(self):
         hp = self.hparams
         backbone_lr = hp.backbone_lr if hp.backbone_lr is not None else hp.lr * hp.backbone_lr_ratio
         groups = build_param_groups(
-            self.backbone, self.layer_groups, self.head, hp.lr, backbone_lr, hp.layer_decay, hp.weight_decay
+            self.backbone,
+            self.layer_groups,
+            self.head,
+            hp.lr,
+            backbone_lr,
+            hp.layer_decay,
+            hp.weight_decay,
+            exclude={f"{n}" for n in self.frozen_base},
         )
         return self.optimizer(groups)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.frozen_base:
+            # LoRA: the checkpoint holds what trains (adapters, head, buffers such as BatchNorm statistics) and a
+            # fingerprint of the base weights, which are rebuilt from the backbone's source when it is loaded.
+            base = {f"backbone.{name}" for name in self.frozen_base}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in base}
+            checkpoint["lora_base_fingerprint"] = self.base_fingerprint()
+            return
         # The weights are in the state dict: rebuilding from this checkpoint must not download or read them again.
         checkpoint["hyper_parameters"] |= {"pretrained": False, "backbone_checkpoint": None}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        expected = checkpoint.get("lora_base_fingerprint")
+        if expected is None:
+            return
+        if not self.frozen_base:
+            raise ValueError("this checkpoint holds LoRA adapters, but the model has none: build it with its model.lora")
+        if expected != self.base_fingerprint():
+            raise ValueError(
+                "this checkpoint's LoRA adapters were trained on other base weights (fingerprint "
+                f"{expected[:12]}, this model's {self.base_fingerprint()[:12]}): build the model on the same backbone "
+                "weights (model.backbone/encoder, pretrained, backbone_checkpoint)"
+            )
+        named = dict(self.backbone.named_parameters())
+        checkpoint["state_dict"] |= {f"backbone.{n}": named[n].detach() for n in self.frozen_base}
 
     # --- hooks of the task protocol -------------------------------------------------------------------------------
 

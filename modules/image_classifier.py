@@ -73,6 +73,7 @@ class ImageClassifier(Classifier):
         self.build_head(spec.num_features)
         if backbone_checkpoint:
             load_backbone(self, backbone_checkpoint, name=backbone)
+        self.apply_adapters()  # LoRA (model.lora), on the backbone's final weights
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Map images in [0, 1], ``(B, 3, H, W)``, to logits ``(B, num_classes)``."""

@@ -56,6 +56,7 @@ class MaskedLM(FineTuneModule):
         self.val_loss, self.val_acc = MeanMetric(), MeanMetric()
         if backbone_checkpoint:
             load_backbone(self, backbone_checkpoint, name=encoder)
+        self.apply_adapters()  # LoRA (model.lora), on the encoder's final weights
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(M, vocab)`` at the ``M`` masked positions of the batch, and their target ids ``(M,)``."""

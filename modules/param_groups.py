@@ -38,6 +38,7 @@ def build_param_groups(
     backbone_lr: float,
     layer_decay: float | None = None,
     weight_decay: float = 0.0,
+    exclude: set[str] | frozenset[str] = frozenset(),
 ) -> list[dict]:
     """Parameter groups for the head and every backbone layer group, each split by weight decay.
 
@@ -49,6 +50,8 @@ def build_param_groups(
         backbone_lr: learning rate of the deepest backbone group (of all of them without ``layer_decay``).
         layer_decay: factor between the LRs of neighbouring backbone groups, or None.
         weight_decay: weight decay of weights with 2 or more dimensions; biases and norms get none.
+        exclude: backbone parameter names that never train (LoRA's frozen base weights): in no group, so the
+            optimizer holds no state for them.
     """
     for key, value in (("lr", lr), ("backbone_lr", backbone_lr)):
         if not value > 0:
@@ -60,7 +63,11 @@ def build_param_groups(
     # weight with the backbone's group: a parameter may sit in one optimizer group only.
     in_backbone = {id(p) for p in backbone.parameters()}
     units = [("head", [p for p in head.parameters() if id(p) not in in_backbone], lr)]
-    units += [(f"backbone.{g}", params, lrs[g]) for g, params in split_by_group(backbone, layer_groups).items()]
+    excluded = {id(p) for n, p in backbone.named_parameters() if n in exclude}
+    units += [
+        (f"backbone.{g}", [p for p in params if id(p) not in excluded], lrs[g])
+        for g, params in split_by_group(backbone, layer_groups).items()
+    ]
     groups = []
     for unit, params, unit_lr in units:
         decay = [p for p in params if p.ndim >= 2]

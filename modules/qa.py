@@ -224,6 +224,7 @@ class ExtractiveQA(FineTuneModule):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(spec.num_features, 2))
         if backbone_checkpoint:
             load_backbone(self, backbone_checkpoint, name=encoder)
+        self.apply_adapters()  # LoRA (model.lora), on the encoder's final weights
         self.val_candidates = WindowCandidates()
         self.test_candidates = WindowCandidates()
         self.predictions: dict[str, dict] = {}

@@ -26,6 +26,8 @@ digits, batch 64):
         batches, warmup + linear decay) vs a plain loop as a practitioner first writes it (every batch padded to
         128 tokens, Adam at one constant LR) vs Hugging Face's ``Trainer`` (dynamic padding, linear decay).
         Skipped, with a note, when the data is absent.
+    lora: all-MiniLM-L6-v2 with ``configs/presets/lora.yaml``'s adapters vs fully fine-tuned: trainable parameters,
+        step time, activations saved for backward, gradient + AdamW memory and checkpoint size, same batches.
 
 On a GPU the batch sizes are 4 times larger and the device is recorded; nothing else changes.
 """
@@ -37,6 +39,7 @@ from scripts.benchmarks import (
     efficiency,
     frozen_vs_full,
     loader_workers,
+    lora,
     overhead,
     precision,
     pretrained_vs_scratch,
@@ -52,6 +55,7 @@ SECTIONS: dict[str, Section] = {
     "precision": precision.run,
     "pretrained_vs_scratch": pretrained_vs_scratch.run,
     "text": text.run,
+    "lora": lora.run,
     "efficiency": efficiency.run,  # last: it reuses the throughput overhead and text measured
 }
 

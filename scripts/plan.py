@@ -53,6 +53,16 @@ def plan(args: list[str] | None = None, console: Console | None = None) -> list[
         f"{type(optimizer).__name__}, {max_epochs} epochs x {per_epoch} optimizer steps = {total} steps"
         + (f", {schedule.schedule} schedule with {schedule.warmup_steps(total)} warmup steps" if schedule else "")
     )
+    if getattr(model, "lora", None) is not None:
+        named = dict(model.backbone.named_parameters())
+        adapters = sum(p.numel() for n, p in named.items() if n not in model.frozen_base)
+        base = sum(named[n].numel() for n in model.frozen_base)
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in model.adapted_layers})
+        console.print(
+            f"LoRA r={model.lora.r}, alpha={model.lora.alpha} on {len(model.adapted_layers)} layers "
+            f"({', '.join(kinds)}): the backbone groups below hold {adapters:,} adapter parameters; its "
+            f"{base:,} base parameters stay frozen"
+        )
     phases = []
     for epoch, trainable in freezing.phases(groups, max_epochs):
         step = epoch * per_epoch

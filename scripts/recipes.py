@@ -10,6 +10,8 @@ Arms:
         trainable, AdamW at a fixed LR, fixed-length padding, the last weights tested.
     default: the experiment's YAML as shipped (``make train EXP=...`` with the task's quick-budget arguments).
     scratch: the same YAML with random weights (``--model.pretrained false``): what pre-training is worth.
+    lora: the same YAML with ``configs/presets/lora.yaml`` (LoRA adapters, the encoder frozen); not in the default
+        arms: ``--arms default lora``.
 
 No arm chooses anything on the test split: the template tests its best-on-validation checkpoint only when the
 validation data is not the test data, else its last weights (``scripts/train.py``); the naive arm tests its last.
@@ -72,6 +74,7 @@ TASKS = {
     "digits": Task("configs/digits.yaml", naive.image, goal="mean >= 0.98"),
 }
 ARMS = ("naive", "default", "scratch")
+EXTRA_ARMS = {"lora": ["--config", "configs/presets/lora.yaml"]}  # arm -> what it adds after the experiment
 
 
 def goal_met(task: str, rows: dict[str, dict]) -> bool | None:
@@ -101,11 +104,15 @@ def run_arm(task: Task, name: str, arm: str, seed: int, base_args: list[str], ou
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(loggers(out / name, f"recipes_{name}", arm, seed), f)
     extra = ["--model.pretrained", "false"] if arm == "scratch" else []
+    preset = EXTRA_ARMS.get(arm, [])
     try:
-        cli = train(["fit", "--config", task.config, "--config", f.name, *args[2:], *extra])
+        cli = train(["fit", "--config", task.config, *preset, "--config", f.name, *args[2:], *extra])
     finally:
         Path(f.name).unlink()
-    return {"arm": arm, "seed": seed, "test": cli.results["test"], "wall_s": cli.results["wall_s"]}
+    callback = cli.trainer.checkpoint_callback
+    ckpt = Path(callback.last_model_path or callback.best_model_path) if callback else None
+    size = ckpt.stat().st_size / 2**20 if ckpt and ckpt.is_file() else None
+    return {"arm": arm, "seed": seed, "test": cli.results["test"], "wall_s": cli.results["wall_s"], "ckpt_mb": size}
 
 
 def task_table(name: str, rows: list[dict], metric: str, goal: str, met: bool | None) -> str:
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=[*ARMS, *EXTRA_ARMS])
     parser.add_argument("--data-root", default="../shared/data", help="folder holding sst2/, agnews/, squad/, ...")
     parser.add_argument("--out", default="runs/recipes")
     args, extra = parser.parse_known_args(argv)

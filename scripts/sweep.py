@@ -25,7 +25,7 @@
 * ``--confirm 0 1 2``: then the best configuration and the experiment as shipped run over those seeds, tested on the
   test split the search never looked at (``make sweep ... CONFIRM="0 1 2"``); the table goes into ``results.md``.
 * ``--cv K``: a trial's objective is the mean over K folds (``make cv``'s folds), each fold a fresh run.
-* ``--backend wandb`` writes the same space as a W&B sweep (``<out>/wandb_sweep.yaml``) whose agent runs trials
+* ``--sweep wandb`` (``--backend wandb``) writes the same space as a W&B sweep (``<out>/wandb_sweep.yaml``) whose agent runs trials
   through this script (``--wandb-trial``), for those who prefer W&B's sweep UI.
 """
 
@@ -430,7 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cv", type=int, default=0, help="objective = mean over this many folds (0: no folds)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     parser.add_argument("--fresh", action="store_true", help="start the study over instead of resuming it")
-    parser.add_argument("--backend", choices=("optuna", "wandb"), default="optuna")
+    parser.add_argument(
+        "--backend", "--sweep", choices=("optuna", "wandb"), default="optuna", help="wandb: write a W&B sweep config"
+    )
     parser.add_argument(
         "--confirm",
         type=int,

@@ -42,6 +42,13 @@ def test_folds_are_disjoint_cover_the_data_and_keep_label_proportions() -> None:
     assert vals != [fold_split(len(labels), 5, k, seed=4, labels=labels) for k in range(5)]  # seeded
 
 
+def test_a_class_smaller_than_the_folds_warns_and_falls_back_to_plain_folds() -> None:
+    labels = [0] * 20 + [1] * 3  # class 1 cannot be in each of 5 folds
+    with pytest.warns(UserWarning, match=r"a class has 3 item\(s\), fewer than data.num_folds=5"):
+        vals = [fold_split(len(labels), 5, k, seed=0, labels=labels)[1] for k in range(5)]
+    assert sorted(i for val in vals for i in val) == list(range(len(labels)))
+
+
 def test_groups_stay_whole_in_one_fold() -> None:
     groups = ["a"] * 3 + ["b"] * 5 + ["c"] * 2 + ["d"] * 4
     for k in range(2):
