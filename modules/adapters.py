@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -92,6 +93,7 @@ def inject_lora(backbone: nn.Module, settings: LoRA) -> list[str]:
         targets = [targets]
     # One string is a regular expression for peft; a list holds names that module paths end with.
     pattern = targets[0] if len(targets) == 1 and any(c in targets[0] for c in "^$*+?[]()|\\") else list(targets)
+    _plain_pointwise_convs(backbone, pattern)
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -112,6 +114,32 @@ def inject_lora(backbone: nn.Module, settings: LoRA) -> list[str]:
         trains = ".lora_" in name or (settings.train_biases and name.endswith(".bias"))
         param.requires_grad_(trains)
     return adapted
+
+
+def _matches(name: str, pattern: str | list[str]) -> bool:
+    """peft's rule: a regular expression matches the whole module path; a name matches the path's end."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == target or name.endswith(f".{target}") for target in pattern)
+
+
+def _plain_pointwise_convs(backbone: nn.Module, pattern: str | list[str]) -> None:
+    """Replace targeted 1x1, stride-1 convolutions of a ``Conv2d`` subclass by plain ``nn.Conv2d`` holding the same
+    parameters. peft builds the LoRA branch of a convolution with ``type(base_layer)(in, r, kernel, stride, padding)``,
+    which breaks subclasses with another signature: EfficientNet-Lite0's ``Conv2dDynamicSamePadding`` takes its 5th
+    argument as ``dilation`` and fails with "non-positive dilation". For a 1x1 kernel at stride 1 "same" padding is
+    0, so the plain layer computes exactly the same thing."""
+    for name, module in list(backbone.named_modules()):
+        if type(module) is nn.Conv2d or not isinstance(module, nn.Conv2d) or not _matches(name, pattern):
+            continue
+        if module.kernel_size != (1, 1) or module.stride != (1, 1) or module.dilation != (1, 1):
+            continue
+        plain = nn.Conv2d(module.in_channels, module.out_channels, 1, groups=module.groups, bias=module.bias is not None)
+        plain.weight = module.weight
+        if module.bias is not None:
+            plain.bias = module.bias
+        parent_name, _, child = name.rpartition(".")
+        setattr(backbone.get_submodule(parent_name) if parent_name else backbone, child, plain)
 
 
 def _adaptable(module: nn.Module) -> bool:

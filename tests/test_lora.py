@@ -206,3 +206,25 @@ def test_a_target_that_matches_nothing_is_one_clear_error() -> None:
         ImageClassifier("resnet_tiny", num_classes=3, pretrained=False, lora={"target_modules": ["qkv"]})
     with pytest.raises(ValueError, match="model.lora has unknown keys"):
         ImageClassifier("resnet_tiny", num_classes=3, pretrained=False, lora={"rank": 4})
+
+
+def test_lite0_pointwise_convolutions_take_adapters_and_merge_back() -> None:
+    """EfficientNet-Lite0's convolutions are a Conv2d subclass peft cannot copy; its 1x1 ones become plain Conv2d
+    with the same weights (same outputs), take adapters, and merge back within float tolerance."""
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    plain = ImageClassifier("efficientnet_lite0", num_classes=3).eval()
+    torch.manual_seed(0)
+    model = ImageClassifier(
+        "efficientnet_lite0", num_classes=3, lora={"target_modules": ["_expand_conv", "_project_conv"]}
+    ).eval()
+    assert len(model.adapted_layers) == 31
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), plain(images), rtol=0, atol=0)  # B = 0: no change at the start
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        expected = model(images)
+        assert not torch.allclose(expected, plain(images))
+        merged = model.for_export()(images)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
