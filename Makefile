@@ -21,6 +21,7 @@ CONFIG ?= configs/$(EXP).yaml
 TRIALS ?= 12
 FOLDS  ?= 5
 CV     ?= 0
+QUANTIZE ?=
 
 .PHONY: help install train test test-fast smoke lint format clean plan lr-find bench eval predict export sync \
 	pretrain finetune compare recipes export-backbone fashion-mnist resume test-compat sweep cv
@@ -132,9 +133,9 @@ predict: $(STAMP) ## Predict with CKPT=<checkpoint> on INPUT=<image, folder, tex
 	@test -n "$(CKPT)" -a -n "$(INPUT)" || { echo "give CKPT=<path to a .ckpt file> and INPUT=<file or folder>"; exit 2; }
 	$(PY) scripts/predict.py $(CKPT) $(INPUT) $(ARGS)
 
-export: $(STAMP) ## Export CKPT=<checkpoint>: safetensors + config.json; ONNX and TorchScript for image models
+export: $(STAMP) ## Export CKPT=<checkpoint>: safetensors + config.json; ONNX and TorchScript for image models; QUANTIZE=int8
 	@test -n "$(CKPT)" || { echo "give CKPT=<path to a .ckpt file of a run>"; exit 2; }
-	$(PY) scripts/export.py $(CKPT) $(ARGS)
+	$(PY) scripts/export.py $(CKPT) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(ARGS)
 
 sync: $(STAMP) ## Upload the W&B runs recorded offline (runs/wandb/offline-run-*) once an API key is configured
 	@ls -d runs/wandb/offline-run-* >/dev/null 2>&1 || { echo "no offline W&B runs under runs/wandb"; exit 0; }

@@ -17,9 +17,7 @@ What this module adds, and peft does not give on a bare module:
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -59,23 +57,11 @@ class LoRA:
         return asdict(self)
 
 
-@contextmanager
-def _quiet_pytree():
-    """peft imports torchao when it is installed, and torchao registers Enum types with torch's pytree, which logs a
-    deprecation warning per type on torch 2.14: noise in every run, not the user's concern."""
-    logger = logging.getLogger("torch.utils._pytree")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def _peft():
-    with _quiet_pytree():
-        import peft.tuners.lora
-        from peft import LoraConfig, inject_adapter_in_model
+    # peft imports torchao when it is installed: its pytree warnings are filtered in modules/__init__.py.
+    import peft.tuners.lora
+    from peft import LoraConfig, inject_adapter_in_model
+
     return LoraConfig, inject_adapter_in_model, peft.tuners.lora.LoraLayer
 
 
@@ -134,7 +120,9 @@ def _plain_pointwise_convs(backbone: nn.Module, pattern: str | list[str]) -> Non
             continue
         if module.kernel_size != (1, 1) or module.stride != (1, 1) or module.dilation != (1, 1):
             continue
-        plain = nn.Conv2d(module.in_channels, module.out_channels, 1, groups=module.groups, bias=module.bias is not None)
+        plain = nn.Conv2d(
+            module.in_channels, module.out_channels, 1, groups=module.groups, bias=module.bias is not None
+        )
         plain.weight = module.weight
         if module.bias is not None:
             plain.bias = module.bias
@@ -202,8 +190,9 @@ def _probe_input(layer: nn.Module) -> torch.Tensor | None:
         return torch.randn(2, layer.in_features, generator=generator, dtype=weight.dtype)
     if isinstance(layer, nn.Conv2d):
         return torch.randn(1, layer.in_channels, 9, 9, generator=generator, dtype=weight.dtype).to(
-            memory_format=torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else
-            torch.contiguous_format
+            memory_format=torch.channels_last
+            if weight.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
         )
     if isinstance(layer, nn.Embedding):
         return torch.randint(0, layer.num_embeddings, (2, 5), generator=generator)

@@ -43,6 +43,7 @@ from scripts.benchmarks import (
     overhead,
     precision,
     pretrained_vs_scratch,
+    quantization,
     text,
 )
 from scripts.benchmarks.cli import Section
@@ -56,6 +57,7 @@ SECTIONS: dict[str, Section] = {
     "pretrained_vs_scratch": pretrained_vs_scratch.run,
     "text": text.run,
     "lora": lora.run,
+    "quantization": quantization.run,  # after precision: it quantizes that section's fp32 run
     "efficiency": efficiency.run,  # last: it reuses the throughput overhead and text measured
 }
 

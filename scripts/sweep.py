@@ -25,8 +25,8 @@
 * ``--confirm 0 1 2``: then the best configuration and the experiment as shipped run over those seeds, tested on the
   test split the search never looked at (``make sweep ... CONFIRM="0 1 2"``); the table goes into ``results.md``.
 * ``--cv K``: a trial's objective is the mean over K folds (``make cv``'s folds), each fold a fresh run.
-* ``--sweep wandb`` (``--backend wandb``) writes the same space as a W&B sweep (``<out>/wandb_sweep.yaml``) whose agent runs trials
-  through this script (``--wandb-trial``), for those who prefer W&B's sweep UI.
+* ``--sweep wandb`` (``--backend wandb``) writes the same space as a W&B sweep (``<out>/wandb_sweep.yaml``) whose
+  agent runs trials through this script (``--wandb-trial``), for those who prefer W&B's sweep UI.
 """
 
 from __future__ import annotations

@@ -30,7 +30,14 @@ TINY = BenchConfig(
         *(arg for key, value in TINY_SPLIT.items() for arg in (f"--data.{key}", str(value))),
     ),
 )
-SLOW = {"precision", "pretrained_vs_scratch", "text", "efficiency", "lora"}  # end-to-end runs, MiniLM, the matmul peak
+SLOW = {
+    "precision",
+    "pretrained_vs_scratch",
+    "text",
+    "efficiency",
+    "lora",
+    "quantization",
+}  # end-to-end runs, MiniLM, the matmul peak
 
 
 def structure(result: dict) -> dict:

@@ -101,7 +101,9 @@ def test_adapter_checkpoint_is_small_and_loads_only_onto_its_base(tmp_path: Path
     stranger = ImageClassifier("resnet_tiny", num_classes=3, pretrained=False)
     save_file({k: v.contiguous() for k, v in stranger.backbone.state_dict().items()}, str(other))
     with pytest.raises(ValueError, match="trained on other base weights"):
-        ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, backbone_checkpoint=str(other))
+        ImageClassifier.load_from_checkpoint(
+            ckpt, map_location="cpu", weights_only=True, backbone_checkpoint=str(other)
+        )
     with pytest.raises(ValueError, match="holds LoRA adapters, but the model has none"):
         ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, lora=None)
 
@@ -133,8 +135,9 @@ def test_ddp_two_processes_without_find_unused_parameters(tmp_path: Path) -> Non
     for key in rank0["end"]:
         assert torch.equal(rank0["end"][key], rank1["end"][key]), key
     changed = [k for k in rank0["end"] if not torch.equal(rank0["start"][k], rank0["end"][k])]
-    assert changed and all(".lora_" in k or k.startswith("head.") or "running_" in k or "num_batches" in k
-                           for k in changed), changed
+    assert changed and all(
+        ".lora_" in k or k.startswith("head.") or "running_" in k or "num_batches" in k for k in changed
+    ), changed
 
 
 def test_merge_for_export_keeps_outputs_and_leaves_plain_layers(tmp_path: Path) -> None:
@@ -192,9 +195,7 @@ def test_plan_lists_the_adapter_parameters(tmp_path: Path, monkeypatch) -> None:
         ],
         console,
     )  # fmt: skip
-    model = ImageClassifier(
-        "resnet_tiny", num_classes=10, pretrained=False, lora=LORA | {"r": 4}
-    )
+    model = ImageClassifier("resnet_tiny", num_classes=10, pretrained=False, lora=LORA | {"r": 4})
     adapters = sum(p.numel() for n, p in model.backbone.named_parameters() if ".lora_" in n)
     rows = phases[-1]["groups"]
     assert sum(r["params"] for unit, r in rows.items() if unit != "head") == adapters

@@ -78,7 +78,8 @@ def run(context: Context, steps: int = 6, length: int = 64) -> dict:
         columns.append("CUDA peak (MiB)")
     return {
         "title": "LoRA vs full fine-tuning: all-MiniLM-L6-v2, one training step",
-        "setup": f"r={lora['r']} on {lora['target_modules']}, batch {batch_size} x {length} tokens, {steps} timed steps",
+        "setup": f"r={lora['r']} on {lora['target_modules']}, batch {batch_size} x {length} tokens, "
+        f"{steps} timed steps",
         "columns": columns,
         "rows": [[name, *r.values()] for name, r in results.items()],
         "ratio": ratios,
