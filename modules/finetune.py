@@ -132,7 +132,9 @@ class FineTuneModule(LightningModule):
         if expected is None:
             return
         if not self.frozen_base:
-            raise ValueError("this checkpoint holds LoRA adapters, but the model has none: build it with its model.lora")
+            raise ValueError(
+                "this checkpoint holds LoRA adapters, but the model has none: build it with its model.lora"
+            )
         if expected != self.base_fingerprint():
             raise ValueError(
                 "this checkpoint's LoRA adapters were trained on other base weights (fingerprint "
