@@ -103,6 +103,10 @@ class MagnitudePruning(Callback):
         exclude: glob patterns on module paths never to prune (``backbone.conv_stem``).
     """
 
+    # What a pruned run is for is its final, sparse weights: `scripts/train.py` tests the last weights, not the
+    # checkpoint chosen on validation accuracy (which may predate the final sparsity).
+    tests_last_weights = True
+
     def __init__(
         self,
         sparsity: float = 0.5,
@@ -249,8 +253,8 @@ class MagnitudePruning(Callback):
         if epoch is not None and epoch < self.end_epoch and self.sparsity > 0:
             rank_zero_warn(
                 f"the best checkpoint ({best}) is from epoch {epoch}, before the final sparsity (epoch "
-                f"{self.end_epoch}): it is less sparse than asked, and the test after fit uses it; test last.ckpt "
-                "for the asked sparsity"
+                f"{self.end_epoch}): it is less sparse than asked; the test after fit uses the last weights, and "
+                "last.ckpt holds the asked sparsity"
             )
 
 

@@ -300,6 +300,8 @@ class TrainCLI(LightningCLI):
                     "the last weights, not the checkpoint chosen on that data; give the data module a test split "
                     "for a score that nothing was chosen on"
                 )
+            if any(getattr(c, "tests_last_weights", False) for c in trainer.callbacks):
+                tested_weights = "last"  # e.g. pruning: the final sparse weights are the result, not the best epoch
             ckpt_path = None if tested_weights == "last" else tested_weights
             tested = trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, verbose=False)
             results = tested[0] if tested else {}
