@@ -22,9 +22,13 @@ TRIALS ?= 12
 FOLDS  ?= 5
 CV     ?= 0
 QUANTIZE ?=
+TEACHER ?=
+DISTILL_FROM = $(if $(filter text,$(TASK)),text_sst2,digits)
+# The best checkpoint (epochNN-acc*.ckpt) of the newest teacher run, unless TEACHER=<checkpoint> is given.
+NEWEST_TEACHER = $(or $(TEACHER),$(shell ls -t runs/$(DISTILL_FROM)/version_*/checkpoints/epoch*.ckpt 2>/dev/null | head -n 1))
 
 .PHONY: help install train test test-fast smoke lint format clean plan lr-find bench eval predict export sync \
-	pretrain finetune compare recipes export-backbone fashion-mnist resume test-compat sweep cv
+	pretrain finetune compare recipes export-backbone fashion-mnist resume test-compat sweep cv distill
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -75,6 +79,10 @@ sweep: $(STAMP) ## Optuna search over configs/sweeps/<EXP>.yaml: TRIALS=12 [CV=K
 
 cv: $(STAMP) ## K-fold cross-validation of configs/<EXP>.yaml, FOLDS=5: per-fold table, mean ± sd, out-of-fold predictions
 	$(PY) scripts/cv.py --config $(CONFIG) --folds $(FOLDS) $(ARGS)
+
+distill: $(STAMP) ## Distil TEACHER (default: newest runs/digits; TASK=text: runs/text_sst2) into a small student
+	@test -n "$(NEWEST_TEACHER)" || { echo "no teacher under runs/$(DISTILL_FROM)/: run make train EXP=$(DISTILL_FROM) first, or give TEACHER=<checkpoint>"; exit 2; }
+	$(PY) scripts/train.py fit --config configs/distill_$(if $(filter text,$(TASK)),sst2,digits).yaml --model.teacher $(NEWEST_TEACHER) $(ARGS)
 
 export-backbone: $(STAMP) ## Export the backbone of CKPT=<checkpoint> for fine-tuning (safetensors + metadata)
 	@test -n "$(CKPT)" || { echo "give CKPT=<path to a .ckpt file of a run>"; exit 2; }

@@ -1,6 +1,6 @@
 """What every classification module shares: a head sized by the data, the loss, the metrics, the named parameter
-groups, and the class names kept with the checkpoint. ``ImageClassifier`` and ``TextClassifier`` add their backbone
-and their ``forward``.
+groups, the class names kept with the checkpoint, and knowledge distillation from a teacher checkpoint
+(``modules/distillation.py``). ``ImageClassifier`` and ``TextClassifier`` add their backbone and their ``forward``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
+from modules.distillation import check_teacher, distillation_loss, load_teacher, teacher_inputs
 from modules.finetune import FineTuneModule
 
 
@@ -54,6 +55,13 @@ class Classifier(FineTuneModule):
         hidden_dim: width of an optional hidden layer in the head.
         dropout: dropout probability in the head.
         label_smoothing: label smoothing of the cross-entropy loss (single-label).
+        teacher: a classification checkpoint of this template to distil from (its run's ``config.yaml`` beside it
+            names its class): frozen, outside the state dict, the optimizer and DDP, used in ``fit`` only; the
+            student's checkpoints do not need it. Same classes; for text, the same tokenizer.
+        distill_weight: weight of the distillation term; the task loss gets ``1 - distill_weight``.
+        temperature: softmax temperature ``T`` of the distillation term (scaled by ``T²``).
+        feature_weight: weight of similarity-preserving feature matching between the two models' pooled features
+            (0: off).
         kwargs: the learning-rate and optimizer arguments of :class:`~modules.finetune.FineTuneModule`.
     """
 
@@ -64,9 +72,19 @@ class Classifier(FineTuneModule):
         hidden_dim: int | None = None,
         dropout: float = 0.2,
         label_smoothing: float = 0.0,
+        teacher: str | None = None,
+        distill_weight: float = 0.5,
+        temperature: float = 2.0,
+        feature_weight: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if not 0 <= distill_weight <= 1 or temperature <= 0 or feature_weight < 0:
+            raise ValueError(
+                "distillation needs 0 <= model.distill_weight <= 1, model.temperature > 0 and model.feature_weight "
+                f">= 0, got {distill_weight}, {temperature} and {feature_weight}"
+            )
+        self._teacher: list[nn.Module] = []  # a plain list: not a submodule, so not in the state dict, optimizer or DDP
         if class_names is not None and num_classes is not None and len(class_names) != num_classes:
             raise ValueError(f"model.num_classes is {num_classes} but model.class_names has {len(class_names)} names")
         if num_classes is None and class_names is not None:
@@ -118,6 +136,19 @@ class Classifier(FineTuneModule):
                 f"the model's class names {list(names)} differ from the data's {list(data_names)}: "
                 "label indices would not mean the same classes"
             )
+        if stage == "fit" and self.hparams.get("teacher") and not self._teacher:
+            teacher = load_teacher(self.hparams.teacher)
+            check_teacher(self, teacher, self.hparams.teacher)
+            self._teacher.append(teacher)
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher while distilling (loaded at the start of ``fit``), else None."""
+        return self._teacher[0] if self._teacher else None
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:  # on the student's device and dtype; eval mode for good (no dropout, BN frozen)
+            self.teacher.to(device=self.device, dtype=self.head[-1].weight.dtype).eval()
 
     def split_batch(self, batch) -> tuple:
         """``(inputs, labels)`` of a batch."""
@@ -130,12 +161,45 @@ class Classifier(FineTuneModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         inputs, labels = self.split_batch(batch)
-        logits = self(inputs)
-        loss = self.loss(logits, labels)
+        if self.teacher is None:
+            logits = self(inputs)
+            loss = self.loss(logits, labels)
+        else:
+            logits, loss = self.distillation_step(inputs, labels)
         self.train_acc(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
+
+    def distillation_step(self, inputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's logits and the distillation loss of a batch (``modules/distillation.py``)."""
+        hp, teacher = self.hparams, self.teacher
+        match_features = hp.feature_weight > 0
+        features = self.features(inputs) if match_features else None
+        logits = self.head(features) if match_features else self(inputs)
+        with torch.no_grad():
+            t_inputs = teacher_inputs(inputs, teacher)
+            t_features = teacher.features(t_inputs) if match_features else None
+            t_logits = teacher.head(t_features) if match_features else teacher(t_inputs)
+        loss, parts = distillation_loss(
+            self.loss(logits, labels),
+            logits,
+            t_logits,
+            hp.temperature,
+            hp.distill_weight,
+            hp.feature_weight,
+            features,
+            t_features,
+        )
+        self.log_dict({f"train/{name}_loss": value for name, value in parts.items()})
+        return logits, loss
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The student stands alone after training: rebuilding it from its checkpoint (eval, predict, export) must not
+        # read the teacher again. A resumed fit rebuilds the model from the run's config, which keeps it.
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"]["teacher"] = None
 
     def on_train_start(self) -> None:
         self.val_acc_best.reset()  # forget the sanity check's accuracy

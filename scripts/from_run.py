@@ -2,46 +2,24 @@
 predict and export need no flags of the original experiment.
 
 A run directory looks like ``runs/<experiment>/version_<n>/`` with ``config.yaml`` and ``checkpoints/*.ckpt``;
-the config is found by walking up from the checkpoint (or given with ``--config``).
+the config is found by walking up from the checkpoint (or given with ``--config``). Loading the model is
+``modules.saved_run.load_model`` (a distillation teacher is loaded the same way).
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
-import yaml
 from lightning import LightningDataModule, LightningModule
 
+from modules.saved_run import find_config, import_class, load_model
 
-def import_class(path: str) -> type:
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def find_config(ckpt: Path) -> Path:
-    """The ``config.yaml`` of the run that wrote ``ckpt``: in its folder or one of the two above it."""
-    for folder in list(ckpt.resolve().parents)[:3]:
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    raise FileNotFoundError(f"no config.yaml beside {ckpt} or in the two folders above it: give --config")
+__all__ = ["build_datamodule", "find_config", "import_class", "load_run"]
 
 
 def load_run(ckpt: str, config: str | None = None) -> tuple[LightningModule, dict, Path]:
     """The model of ``ckpt`` (on CPU, in eval mode), the run's config and the run directory."""
-    ckpt_path = Path(ckpt)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
-    config_path = Path(config) if config else find_config(ckpt_path)
-    settings = yaml.safe_load(config_path.read_text())
-    model_class = import_class(settings["model"]["class_path"])
-    # Checkpoints hold tensors and plain hyperparameters only: no pickled code is run when reading them.
-    try:
-        model = model_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a checkpoint, or not this model's
-        reason = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(f"checkpoint {ckpt_path} cannot be loaded ({type(err).__name__}: {reason})") from err
-    model.eval()
+    model, settings, config_path = load_model(ckpt, config)
     return model, settings, config_path.parent
 
 
