@@ -77,7 +77,15 @@ def test_experiment_config_fast_dev_run(config: Path, image_folder: Path, tmp_pa
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_preset_config_validates(preset: Path) -> None:
+def test_preset_config_validates(preset: Path, capsys) -> None:
+    settings = yaml.safe_load(preset.read_text())
+    if "model" in settings:  # a model preset (LoRA): checked on top of an experiment
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(REPO / "configs" / "digits.yaml"), "--config", str(preset), "--print_config"])
+        assert exit_info.value.code == 0
+        printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+        assert set(settings["model"]["init_args"]) <= set(printed)
+        return
     parser = ArgumentParser()
     parser.add_class_arguments(Trainer, "trainer", fail_untyped=False)
     parser.parse_path(str(preset))  # raises on an unknown key or a wrongly typed value
