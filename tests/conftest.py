@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning import LightningDataModule
 from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +30,25 @@ def write_images(folder: Path, count: int, color: tuple[int, int, int], size: in
         noise = rng.integers(-30, 30, size=(size, size, 3))
         pixels = np.clip(np.array(color)[None, None, :] + noise, 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(folder / f"img_{i:03d}.jpg")
+
+
+class Blobs(LightningDataModule):
+    """Three classes of random 32 px images, fixed order (no shuffling) so that runs are exactly repeatable."""
+
+    num_classes, class_names = 3, ["a", "b", "c"]
+
+    def __init__(self, n: int = 24, batch_size: int = 4):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        labels = torch.arange(n) % 3
+        images = torch.rand(n, 3, 32, 32, generator=generator) * 0.5 + labels.view(-1, 1, 1, 1) * 0.25
+        self.data, self.batch_size = TensorDataset(images, labels), batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size)
 
 
 @pytest.fixture

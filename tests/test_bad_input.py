@@ -24,9 +24,8 @@ from datamodules.image_folder import ImageFileDataset, ImageFolderDataModule, co
 from datamodules.squad import parse_squad
 from datamodules.text_classification import TextClassificationDataModule, read_rows
 from modules.image_classifier import ImageClassifier
-from tests.conftest import REPO, write_images
+from tests.conftest import REPO, Blobs, write_images
 from tests.test_qa import CONTEXT, squad_json
-from tests.test_unfreezing import Blobs
 
 # --- text files ---------------------------------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from callbacks.lr_schedule import LRSchedule
 from callbacks.unfreezing import FreezeUnfreeze, NoFreeze
 from modules.image_classifier import ImageClassifier
-from tests.conftest import REPO
-from tests.test_unfreezing import Blobs, SaveRankState
+from tests.conftest import REPO, Blobs
+from tests.test_unfreezing import SaveRankState
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["conv1", "conv2"]}
 
@@ -122,8 +122,12 @@ def test_resume_with_lora_matches_an_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(resumed.state_dict()[key], value), key
 
 
-def test_ddp_two_processes_without_find_unused_parameters(tmp_path: Path) -> None:
+def test_ddp_two_processes_without_find_unused_parameters(tmp_path: Path, monkeypatch) -> None:
     from lightning.pytorch.strategies import DDPStrategy
+
+    # An earlier DDP test in this process leaves its MASTER_PORT behind, possibly still bound: Lightning picks a free
+    # port when none is set.
+    monkeypatch.delenv("MASTER_PORT", raising=False)
 
     model = _model(tmp_path)
     ddp = DDPStrategy(start_method="spawn", process_group_backend="gloo")  # find_unused_parameters stays False

@@ -8,36 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning import Callback, LightningDataModule, Trainer
+from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.pruning import MagnitudePruning, magnitude_masks, scheduled_sparsity
 from callbacks.unfreezing import FreezeUnfreeze
 from modules.image_classifier import ImageClassifier
-from tests.conftest import REPO
+from tests.conftest import REPO, Blobs
 
 BATCHES = 2  # training batches per epoch
-
-
-class Blobs(LightningDataModule):
-    """Three classes of random 32 px images in a fixed order, so that runs repeat exactly."""
-
-    num_classes, class_names = 3, ["a", "b", "c"]
-
-    def __init__(self, n: int = 24, batch_size: int = 4):
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        labels = torch.arange(n) % 3
-        images = torch.rand(n, 3, 32, 32, generator=generator) * 0.5 + labels.view(-1, 1, 1, 1) * 0.25
-        self.data, self.batch_size = TensorDataset(images, labels), batch_size
-
-    def train_dataloader(self):
-        return DataLoader(self.data, batch_size=self.batch_size)
-
-    def val_dataloader(self):
-        return DataLoader(self.data, batch_size=self.batch_size)
 
 
 class ZerosKept(Callback):

@@ -24,9 +24,8 @@ from datamodules.squad import SquadDataModule
 from datamodules.text_classification import TextClassificationDataModule
 from scripts import sweep as sweep_script
 from scripts.experiments import load_config, set_key
-from tests.conftest import REPO
+from tests.conftest import REPO, Blobs
 from tests.test_qa import CONTEXT, squad_json
-from tests.test_unfreezing import Blobs
 
 # --- folds --------------------------------------------------------------------------------------------------------
 

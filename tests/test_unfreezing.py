@@ -4,34 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning import Callback, LightningDataModule, Trainer
+from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.lr_schedule import LRSchedule
 from callbacks.unfreezing import Freeze, FreezeUnfreeze, GradualUnfreezing, NoFreeze, UnfreezeMilestones
 from modules.image_classifier import ImageClassifier
+from tests.conftest import Blobs
 
 GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4"]  # resnet_tiny, shallow to deep
-
-
-class Blobs(LightningDataModule):
-    """Three classes of random 32 px images, fixed order (no shuffling) so that runs are exactly repeatable."""
-
-    num_classes, class_names = 3, ["a", "b", "c"]
-
-    def __init__(self, n: int = 24, batch_size: int = 4):
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        labels = torch.arange(n) % 3
-        images = torch.rand(n, 3, 32, 32, generator=generator) * 0.5 + labels.view(-1, 1, 1, 1) * 0.25
-        self.data, self.batch_size = TensorDataset(images, labels), batch_size
-
-    def train_dataloader(self):
-        return DataLoader(self.data, batch_size=self.batch_size)
-
-    def val_dataloader(self):
-        return DataLoader(self.data, batch_size=self.batch_size)
 
 
 class Snapshots(Callback):
