@@ -112,7 +112,7 @@ class FineTuneModule(LightningModule):
             backbone_lr,
             hp.layer_decay,
             hp.weight_decay,
-            exclude={f"{n}" for n in self.frozen_base},
+            exclude=self.frozen_base,
         )
         return self.optimizer(groups)
 
