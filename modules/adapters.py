@@ -188,12 +188,9 @@ def _probe_input(layer: nn.Module) -> torch.Tensor | None:
     weight = layer.weight
     if isinstance(layer, nn.Linear):
         return torch.randn(2, layer.in_features, generator=generator, dtype=weight.dtype)
-    if isinstance(layer, nn.Conv2d):
-        return torch.randn(1, layer.in_channels, 9, 9, generator=generator, dtype=weight.dtype).to(
-            memory_format=torch.channels_last
-            if weight.is_contiguous(memory_format=torch.channels_last)
-            else torch.contiguous_format
-        )
+    if isinstance(layer, nn.Conv2d):  # large enough for the kernel even without padding
+        side = max(9, *(d * (k - 1) + 1 for k, d in zip(layer.kernel_size, layer.dilation, strict=True)))
+        return torch.randn(1, layer.in_channels, side, side, generator=generator, dtype=weight.dtype)
     if isinstance(layer, nn.Embedding):
         return torch.randint(0, layer.num_embeddings, (2, 5), generator=generator)
     return None
