@@ -8,6 +8,13 @@ a training epoch starts from ``(seed, epoch)``: the order (:class:`EpochSampler`
 generator, reseeded with the epoch) and, through ``callbacks.reliability.EpochSeed``, the global Python, NumPy and
 torch RNGs of the main process. Training workers are not persistent, since they would carry their RNG state across
 epochs.
+
+Under DDP the order is split the same way: :class:`EpochSampler` is a ``DistributedSampler`` (so Lightning does not
+wrap it in its own, which would shuffle the order again with another seed), and rank ``r`` of ``W`` takes every
+``W``-th index of the one global order, from position ``r``. Batch ``k`` of the ``W`` ranks together is then batch
+``k`` of one process whose batch is ``W`` times larger: a run on 2 nodes and one on 1 device with the same global
+batch see the same samples at every step (tests/test_scaling.py), and changing the device count does not change the
+data a step sees.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def derive_seed(*parts: int) -> int:
@@ -45,8 +52,10 @@ def seed_globals(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class EpochSampler(Sampler[int]):
-    """A shuffled order that depends only on ``(seed, epoch)``; ``set_epoch`` moves to another epoch.
+class EpochSampler(DistributedSampler):
+    """A shuffled order that depends only on ``(seed, epoch)``; ``set_epoch`` moves to another epoch. Under DDP each
+    rank takes its strided share of that one order (padded to a multiple of the world size by repeating its first
+    indices, as torch's ``DistributedSampler`` does), so every rank has the same number of batches.
 
     ``generator`` is reseeded with the epoch too: given to the DataLoader, it is where the loader draws its workers'
     base seed, so the workers' random streams are also a function of ``(seed, epoch)``.
@@ -59,20 +68,34 @@ class EpochSampler(Sampler[int]):
     """
 
     def __init__(self, length: int, seed: int, epoch: int = 0, order: Callable | None = None):
+        # DistributedSampler's __init__ is not called: it needs the process group, which does not exist yet when a
+        # data module builds its loaders; the rank and world size are read when the order is drawn.
         self.length, self.seed, self.order = length, seed, order
         self.generator = torch.Generator()
         self.set_epoch(epoch)
+
+    @staticmethod
+    def _rank_world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.generator.manual_seed(derive_seed(self.seed, epoch, 1))
 
     def __len__(self) -> int:
-        return self.length
+        world = self._rank_world()[1]
+        return -(-self.length // world)  # this rank's share, padded
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0))
         order = self.order(generator) if self.order else torch.randperm(self.length, generator=generator).tolist()
+        rank, world = self._rank_world()
+        if world > 1:
+            padded = -(-len(order) // world) * world
+            order = (order * (padded // max(len(order), 1) + 1))[:padded]
+            order = order[rank::world]
         return iter(order)
 
 

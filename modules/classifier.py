@@ -207,33 +207,34 @@ class Classifier(FineTuneModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         inputs, labels = self.split_batch(batch)
         logits = self(inputs)
-        self.log("val/loss", self.loss(logits, labels), prog_bar=True)
+        self.log("val/loss", self.loss(logits, labels), prog_bar=True, sync_dist=True)  # every rank's batches
         self.val_metrics.update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
         self.val_metrics.reset()
         self.val_acc_best(values["val/acc"])
-        self.log_dict(values, prog_bar=True)
-        self.log("val/acc_best", self.val_acc_best.compute())
+        # torchmetrics has reduced these over the ranks: sync_dist averages equal values (and keeps Lightning quiet)
+        self.log_dict(values, prog_bar=True, sync_dist=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> None:
         inputs, labels = self.split_batch(batch)
         logits = self(inputs)
-        self.log("test/loss", self.loss(logits, labels))
+        self.log("test/loss", self.loss(logits, labels), sync_dist=True)
         self.test_metrics.update(logits, labels)
         self.test_per_class.update(logits, labels)
         if self.test_confusion is not None:
             self.test_confusion.update(logits, labels)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
         self.test_metrics.reset()
         names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
         per_class = self.test_per_class.compute()
         self.test_per_class.reset()
         if len(names) <= 50:  # per-class F1 as metrics while it stays readable
-            self.log_dict({f"test/f1_{name}": value for name, value in zip(names, per_class, strict=True)})
+            self.log_dict({f"test/f1_{name}": v for name, v in zip(names, per_class, strict=True)}, sync_dist=True)
         if self.test_confusion is None:
             return
         self.confusion_matrix = self.test_confusion.compute().cpu()

@@ -81,7 +81,9 @@ class MaskedLM(FineTuneModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.log_dict(
-            {"val/loss": loss, "val/perplexity": torch.exp(loss), "val/acc": self.val_acc.compute()}, prog_bar=True
+            {"val/loss": loss, "val/perplexity": torch.exp(loss), "val/acc": self.val_acc.compute()},
+            prog_bar=True,
+            sync_dist=True,  # reduced by torchmetrics already: equal on every rank
         )
         self.val_loss.reset()
         self.val_acc.reset()
@@ -91,7 +93,9 @@ class MaskedLM(FineTuneModule):
 
     def on_test_epoch_end(self) -> None:
         loss = self.val_loss.compute()
-        self.log_dict({"test/loss": loss, "test/perplexity": torch.exp(loss), "test/acc": self.val_acc.compute()})
+        self.log_dict(
+            {"test/loss": loss, "test/perplexity": torch.exp(loss), "test/acc": self.val_acc.compute()}, sync_dist=True
+        )
         self.val_loss.reset()
         self.val_acc.reset()
 

@@ -41,7 +41,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.reliability import AtomicCheckpointIO, Checkpoint, EpochSeed, FiniteGuard, RunError
+from callbacks.requeue import Requeue, requeue_flag
 from callbacks.tracking import RichSummary, RunReport, fold_wandb_loggers, git_commit, run_dir, wandb_loggers
+from scripts.cluster import check_layout, launcher
 from scripts.experiments import BASE_CONFIG, name_runs, order_callbacks
 from scripts.run_folders import (
     RUN_ENV,
@@ -170,6 +172,14 @@ class TrainCLI(LightningCLI):
             "--ckpt_path is given, in the same folder, metrics.csv and W&B run.",
         )
         parser.add_argument(
+            "--run_folder",
+            type=str | None,
+            default=None,
+            help="This run's folder, the same on every node: resumes from its checkpoints/last.ckpt when it has one, "
+            "else starts a new run there (what a requeued SLURM job or a restarted torchrun passes; "
+            "scripts/launch.py names it from the job id).",
+        )
+        parser.add_argument(
             "--results_file", type=str | None, default=None, help="Write the summary of fit (and test) as JSON here."
         )
         parser.add_argument(
@@ -219,6 +229,15 @@ class TrainCLI(LightningCLI):
         """The run folder a ``fit`` continues (``--run``, ``--ckpt_path last`` or a checkpoint inside a run), with
         ``ckpt_path`` set to the checkpoint to resume from; None for a new run."""
         ckpt, run = config.get("ckpt_path"), config.get("run")
+        folder = config.get("run_folder")
+        if folder is not None:
+            if run is not None:
+                raise RunError("--run and --run_folder name the run twice: give one")
+            folder = Path(folder)
+            if ckpt is None and not (folder / "checkpoints" / "last.ckpt").is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                return folder.resolve()  # a new run in this folder
+            run = folder
         if run is not None:
             run = Path(run)
             if not run.is_dir():
@@ -266,6 +285,13 @@ class TrainCLI(LightningCLI):
                 trainer.callbacks.append(kind())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        check_layout(trainer)  # torchrun/SLURM process layout vs devices x num_nodes: one line, before any hang
+        if launcher(os.environ) == "slurm" and self.subcommand == "fit":
+            environment = getattr(trainer.strategy, "cluster_environment", None)
+            if hasattr(environment, "auto_requeue"):
+                environment.auto_requeue = False  # ours requeues (callbacks/requeue.py says why)
+            if not any(isinstance(c, Requeue) for c in trainer.callbacks):
+                trainer.callbacks.append(Requeue())
         return trainer
 
     def before_fit(self) -> None:
@@ -285,6 +311,10 @@ class TrainCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer = self.trainer
         if trainer.interrupted:
+            return
+        if requeue_flag(trainer):  # the job continues in its requeued self, from last.ckpt
+            self.results = {"requeued": True}
+            rank_zero_info("requeued before the time limit: not tested; the requeued job resumes from last.ckpt")
             return
         wall = time.perf_counter() - self._fit_started
         checkpoint = trainer.checkpoint_callback
