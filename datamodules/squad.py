@@ -9,6 +9,12 @@
 * Every window keeps its question's index and the character offsets of its context tokens (-1 elsewhere), so the
   model's span can be turned back into text of the original context, and all windows of a question can be pooled
   when it is scored (``modules.qa``).
+* The windows are made once per split content, tokenizer and window sizes, in ``prepare_data``: once per node under
+  DDP (Lightning calls it on local rank 0), which downloads what it needs (``hf_dataset``, a hub tokenizer) and writes
+  each split's windows, packed into flat tensors, under ``cache_dir``. ``setup`` loads them on every rank
+  (memory-mapped: the ranks of a node share one copy) and makes only a split missing from the cache (``setup``
+  called without ``prepare_data``); later runs reuse the cache (``datamodules/token_cache.py``). Every rank still
+  reads the questions themselves, which scoring needs.
 
 Bad input: a file that is not SQuAD JSON, a missing ``context``, ``id``, ``question`` or ``answers`` field (named
 with the question id or the article and paragraph), an id used twice and an ``answer_start`` that is not an integer
@@ -32,7 +38,10 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.folds import check_fold, fold_split
 from datamodules.loaders import current_epoch, make_loader
 from datamodules.text_classification import sample_rows
-from datamodules.tokenizers import tokenizer_path
+from datamodules.token_cache import digest, load_entry, save_entry, tokenizer_identity
+from datamodules.tokenizers import load_tokenizer
+
+CACHE_FORMAT = "squad-windows-1"  # part of every cache key: a change of the packed layout below is a new key
 
 
 @dataclass
@@ -213,17 +222,42 @@ def _answer_positions(offsets: list[tuple[int, int]], answer: dict | None) -> tu
     return start - 1, end + 1
 
 
-class WindowDataset(Dataset):
-    """The windows of one split and the questions they come from."""
+def pack_windows(windows: list[dict]) -> dict:
+    """The windows of :func:`make_windows` as flat tensors (compact to cache and to hold): ``tokens`` (one flat
+    int32 tensor per key), ``offsets`` ``(tokens, 2)`` int32, ``bounds`` (where each window starts, and the end), and
+    one value per window for ``example_index`` and, when targeted, ``start_positions`` / ``end_positions``."""
+    keys = [k for k in ("input_ids", "token_type_ids") if k in windows[0]]
+    lengths = torch.tensor([len(w["input_ids"]) for w in windows])
+    packed = {
+        "tokens": {k: torch.tensor([t for w in windows for t in w[k]], dtype=torch.int32) for k in keys},
+        "offsets": torch.tensor([o for w in windows for o in w["offsets"]], dtype=torch.int32).view(-1, 2),
+        "bounds": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+    }
+    for key in ("example_index", "start_positions", "end_positions"):
+        if key in windows[0]:
+            packed[key] = torch.tensor([w[key] for w in windows])
+    return packed
 
-    def __init__(self, windows: list[dict], examples: list[QAExample]):
-        self.windows, self.examples = windows, examples
+
+class WindowDataset(Dataset):
+    """The windows of one split (packed by :func:`pack_windows`) and the questions they come from; an item is a
+    window as :func:`make_windows` gives it (``offsets`` as an ``(n, 2)`` tensor) with its ``window_index``."""
+
+    def __init__(self, packed: dict, examples: list[QAExample]):
+        self.packed, self.examples = packed, examples
 
     def __len__(self) -> int:
-        return len(self.windows)
+        return len(self.packed["example_index"])
 
     def __getitem__(self, i: int) -> dict:
-        return self.windows[i] | {"window_index": i}
+        packed = self.packed
+        start, end = packed["bounds"][i].item(), packed["bounds"][i + 1].item()
+        window = {k: values[start:end].tolist() for k, values in packed["tokens"].items()}
+        window["offsets"] = packed["offsets"][start:end]
+        for key in ("example_index", "start_positions", "end_positions"):
+            if key in packed:
+                window[key] = packed[key][i].item()
+        return window | {"window_index": i}
 
 
 class QACollator:
@@ -240,7 +274,7 @@ class QACollator:
         length = batch["input_ids"].shape[1]
         offsets = torch.full((len(windows), length, 2), -1, dtype=torch.long)
         for row, window in enumerate(windows):
-            offsets[row, : len(window["offsets"])] = torch.tensor(window["offsets"])
+            offsets[row, : len(window["offsets"])] = torch.as_tensor(window["offsets"])
         batch["offsets"] = offsets
         for key in ("example_index", "window_index", "start_positions", "end_positions"):
             if key in windows[0]:
@@ -249,7 +283,12 @@ class QACollator:
 
 
 class SquadDataModule(LightningDataModule):
-    """SQuAD-format question answering data cut into token windows.
+    """SQuAD-format question answering data cut into token windows, once (in ``prepare_data``, once per node) and
+    cached.
+
+    Counters of what this object did, for tests and logs: ``tokenized`` (splits it cut into windows, in
+    ``prepare_data`` or in ``setup`` when the cache lacked them) and ``cache_hits`` (splits ``setup`` loaded from the
+    cache).
 
     Args:
         data_dir: folder of the JSON files; None with ``hf_dataset``.
@@ -274,6 +313,7 @@ class SquadDataModule(LightningDataModule):
         num_folds: cross-validation (``make cv``): cut the training and validation questions (never the test
             questions) into this many folds by article, so an article's questions are all in one fold.
         fold: the fold that is the validation split (0 to ``num_folds - 1``).
+        cache_dir: where the windows of each split are cached.
     """
 
     def __init__(
@@ -297,12 +337,15 @@ class SquadDataModule(LightningDataModule):
         seed: int = 0,
         num_folds: int | None = None,
         fold: int | None = None,
+        cache_dir: str = ".cache/tokenized",
     ):
         check_fold(fold, num_folds)
         options = AttributeDict({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         super().__init__()
         self.save_hyperparameters()
         self.options = options  # see TextClassificationDataModule: hparams of a subclass are not these
+        self.cache_hits = 0  # splits that setup loaded from the cache
+        self.tokenized = 0  # splits this object cut into windows (prepare_data, or setup on a cache miss)
 
     def load_splits(self) -> dict[str, list[QAExample]]:
         """The questions of each split; subclasses may read other sources."""
@@ -364,13 +407,22 @@ class SquadDataModule(LightningDataModule):
 
         return {"train": examples("train"), "val": examples("validation")}
 
-    def setup(self, stage: str | None = None) -> None:
-        if hasattr(self, "datasets"):
-            return
-        from transformers import AutoTokenizer
+    def prepare_data(self) -> None:
+        """Download (``hf_dataset``, a hub tokenizer), cut each split into windows and write them to ``cache_dir``.
 
+        Lightning calls this once per node (local rank 0), before ``setup`` on every rank. State set here would not
+        reach the other processes, so it keeps none: ``setup`` reads the questions again and finds the windows
+        written here."""
+        tokenizer = load_tokenizer(self.options.tokenizer)
+        for examples in self._splits().values():
+            cache = self._cache_file(examples, tokenizer)
+            if not cache.is_file():
+                save_entry(self._make_windows(examples, tokenizer), cache)
+                self.tokenized += 1
+
+    def _splits(self) -> dict[str, list[QAExample]]:
+        """The questions of each split, with ``answerable_only``, the folds and ``max_train_samples`` applied."""
         hp = self.options
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(hp.tokenizer))
         splits = self.load_splits()
         if hp.answerable_only:
             splits = {name: [e for e in examples if not e.is_impossible] for name, examples in splits.items()}
@@ -385,23 +437,45 @@ class SquadDataModule(LightningDataModule):
                 where="the SQuAD training data",
             )
             splits["train"], splits["val"] = [pool[i] for i in train], [pool[i] for i in val]
-            self.fold = hp.fold
         if hp.max_train_samples is not None:
             splits["train"] = sample_rows(splits["train"], hp.max_train_samples, hp.seed)
         for name, examples in splits.items():
             if not examples:
                 raise ValueError(f"the {name} split has no questions")
+        return splits
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "datasets"):
+            return
+        hp = self.options
+        self.tokenizer = load_tokenizer(hp.tokenizer)
+        splits = self._splits()
+        if hp.num_folds:
+            self.fold = hp.fold
         v2 = hp.version_2_with_negative
         self.version_2_with_negative = any(e.is_impossible for ex in splits.values() for e in ex) if v2 is None else v2
         self.datasets = {name: self._windows(examples) for name, examples in splits.items()}
         self.test_is_val = "test" not in self.datasets  # scripts/train.py then tests the last weights, not the best
         self.datasets.setdefault("test", self.datasets["val"])
 
-    def _windows(self, examples: list[QAExample]) -> WindowDataset:
+    def _cache_file(self, examples: list[QAExample], tokenizer) -> Path:
+        """The cache entry of a split's windows: keyed by the tokenizer, the window sizes, and each question,
+        context and targeted answer, in order."""
+        hp = self.options
+        parts = [CACHE_FORMAT, *tokenizer_identity(tokenizer), str(hp.max_length), str(hp.doc_stride)]
+        parts.append(str(hp.max_query_length))
+        for e in examples:
+            answer = e.answers[0] if e.answers else None
+            parts += [e.question, e.context]
+            parts += [answer["text"], str(answer["answer_start"])] if answer else ["", "impossible"]
+        return Path(hp.cache_dir) / f"qa-{digest(parts)}.pt"
+
+    def _make_windows(self, examples: list[QAExample], tokenizer) -> dict:
+        """The packed windows of a split's questions (a cache entry), targeting each question's first answer."""
         hp = self.options
         answers = [e.answers[0] if e.answers else None for e in examples]
         windows = make_windows(
-            self.tokenizer,
+            tokenizer,
             [e.question for e in examples],
             [e.context for e in examples],
             hp.max_length,
@@ -409,7 +483,19 @@ class SquadDataModule(LightningDataModule):
             hp.max_query_length,
             answers,
         )
-        return WindowDataset(windows, examples)
+        return pack_windows(windows)
+
+    def _windows(self, examples: list[QAExample]) -> WindowDataset:
+        """The split's dataset: its cache entry (written by ``prepare_data``), else made here and cached."""
+        cache = self._cache_file(examples, self.tokenizer)
+        if cache.is_file():
+            packed = load_entry(cache)
+            self.cache_hits += 1
+        else:
+            packed = self._make_windows(examples, self.tokenizer)
+            save_entry(packed, cache)
+            self.tokenized += 1
+        return WindowDataset(packed, examples)
 
     def examples(self, split: str) -> list[QAExample]:
         """The questions of ``split`` (``val``, ``test``), in the order their windows' ``example_index`` counts."""

@@ -3,8 +3,12 @@
 * Columns are configurable: the text, an optional second text (sentence pairs) and the label (names or integers).
   The label set comes from the training split, sorted (numerically when every label is an integer), and is saved with
   the checkpoint through the model's ``class_names``.
-* Tokenization runs once per file content, tokenizer and ``max_length``: the token ids are cached under
-  ``cache_dir`` and reused by later runs (a changed file, tokenizer or length is a different key).
+* Tokenization runs once per file content, tokenizer and ``max_length``, in ``prepare_data``: once per node under
+  DDP (Lightning calls it on local rank 0), which downloads what it needs (a Hugging Face dataset, a hub tokenizer)
+  and writes the token ids of each split under ``cache_dir``. ``setup`` then loads them on every rank (memory-mapped:
+  the ranks of a node share one copy) and tokenizes only a split missing from the cache (``setup`` called without
+  ``prepare_data``). Later runs reuse the cache too; a changed file, tokenizer or length is a different key
+  (``datamodules/token_cache.py``).
 * Batches are padded to their longest sequence, not to ``max_length``; ``group_by_length`` batches texts of similar
   length together for training (transformers' length grouping, drawn from the seed and the epoch), which cuts
   the padding further.
@@ -33,7 +37,6 @@ for messages; without ``"val"`` it is held out of train, without ``"test"`` the 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import warnings
@@ -46,7 +49,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.folds import check_fold, fold_split
 from datamodules.loaders import EpochSampler, current_epoch, make_loader, run_seed
-from datamodules.tokenizers import tokenizer_path
+from datamodules.token_cache import digest, load_entry, save_entry, tokenizer_identity
+from datamodules.tokenizers import load_tokenizer
 
 
 class Row(dict):
@@ -189,7 +193,11 @@ class TokenizedDataset(Dataset):
 
 
 class TextClassificationDataModule(LightningDataModule):
-    """Labelled texts from files in ``data_dir`` (or a Hugging Face dataset), tokenized once and cached.
+    """Labelled texts from files in ``data_dir`` (or a Hugging Face dataset), tokenized once (in ``prepare_data``,
+    once per node) and cached.
+
+    Counters of what this object did, for tests and logs: ``tokenized`` (splits it tokenized, in ``prepare_data`` or
+    in ``setup`` when the cache lacked them) and ``cache_hits`` (splits ``setup`` loaded from the cache).
 
     Args:
         data_dir: folder of the files; None with ``hf_dataset``.
@@ -253,7 +261,8 @@ class TextClassificationDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.options = options
         self._class_names: list[str] | None = None
-        self.cache_hits = 0
+        self.cache_hits = 0  # splits that setup loaded from the cache
+        self.tokenized = 0  # splits this object tokenized (prepare_data, or setup on a cache miss)
 
     @property
     def num_classes(self) -> int | None:
@@ -303,12 +312,25 @@ class TextClassificationDataModule(LightningDataModule):
                 splits["test" if "val" in splits else "val"] = (test, f"{hp.hf_dataset}:test")
         return splits
 
+    def prepare_data(self) -> None:
+        """Download (a Hugging Face dataset, a hub tokenizer), tokenize each split and write it to ``cache_dir``.
+
+        Lightning calls this once per node (local rank 0), before ``setup`` on every rank. State set here would not
+        reach the other processes, so ``setup`` depends on none of it: it finds the cache entries written here (and
+        reads the rows itself; the rows read here are only the memo that ``class_names`` keeps too)."""
+        tokenizer = load_tokenizer(self.options.tokenizer)
+        rows, where = self._read()
+        for split, split_rows in rows.items():
+            self._encode_labels(split_rows, where[split])  # a bad label fails before any tokenizing
+            cache = self._cache_file(split_rows, tokenizer)
+            if not cache.is_file():
+                save_entry(self._encode(split_rows, tokenizer), cache)
+                self.tokenized += 1
+
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "datasets"):
             return
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(self.options.tokenizer))
+        self.tokenizer = load_tokenizer(self.options.tokenizer)
         rows, where = self._read()
         self.datasets = {split: self._tokenize(split_rows, where[split]) for split, split_rows in rows.items()}
         self.test_is_val = "test" not in rows
@@ -420,45 +442,43 @@ class TextClassificationDataModule(LightningDataModule):
             return targets
         return torch.tensor([labels[0] for labels in encoded])
 
-    def _cache_key(self, rows: list[Row]) -> str:
+    def _cache_key(self, rows: list[Row], tokenizer=None) -> str:
         hp = self.options
-        digest = hashlib.sha256()
-        tok = self.tokenizer
-        for part in (
-            type(tok).__name__,
-            tok.name_or_path,
-            str(len(tok)),
-            str(hp.max_length),
-            hp.text_column,
-            str(hp.text_pair_column),
-        ):
-            digest.update(part.encode() + b"\0")
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        parts = [*tokenizer_identity(tokenizer), str(hp.max_length), hp.text_column, str(hp.text_pair_column)]
         for row in rows:
-            digest.update(row[hp.text_column].encode() + b"\0")
+            parts.append(row[hp.text_column])
             if hp.text_pair_column:
-                digest.update(row[hp.text_pair_column].encode() + b"\0")
-        return digest.hexdigest()[:24]
+                parts.append(row[hp.text_pair_column])
+        return digest(parts)
 
-    def _tokenize(self, rows: list[Row], where: str) -> TokenizedDataset:
+    def _cache_file(self, rows: list[Row], tokenizer=None) -> Path:
+        return Path(self.options.cache_dir) / f"{self._cache_key(rows, tokenizer)}.pt"
+
+    def _encode(self, rows: list[Row], tokenizer) -> dict:
+        """The token ids of ``rows``: one flat int32 tensor per key and the offsets of each text (a cache entry)."""
         hp = self.options
-        labels = self._encode_labels(rows, where)
-        cache = Path(hp.cache_dir) / f"{self._cache_key(rows)}.pt"
-        if cache.is_file():
-            stored = torch.load(cache, weights_only=True)
-            self.cache_hits += 1
-            return TokenizedDataset(stored["flat"], stored["offsets"], labels)
         texts = [r[hp.text_column] for r in rows]
         pairs = [r[hp.text_pair_column] for r in rows] if hp.text_pair_column else None
-        encoded = self.tokenizer(texts, pairs, truncation=True, max_length=hp.max_length)
+        encoded = tokenizer(texts, pairs, truncation=True, max_length=hp.max_length)
         keys = [k for k in ("input_ids", "token_type_ids") if k in encoded]
         lengths = torch.tensor([len(ids) for ids in encoded["input_ids"]])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         flat = {k: torch.tensor([t for seq in encoded[k] for t in seq], dtype=torch.int32) for k in keys}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(".tmp")
-        torch.save({"flat": flat, "offsets": offsets}, partial)
-        partial.replace(cache)  # atomic: a run stopped mid-write never leaves a broken cache entry
-        return TokenizedDataset(flat, offsets, labels)
+        return {"flat": flat, "offsets": offsets}
+
+    def _tokenize(self, rows: list[Row], where: str) -> TokenizedDataset:
+        """The split's dataset: its cache entry (written by ``prepare_data``), else tokenized here and cached."""
+        labels = self._encode_labels(rows, where)
+        cache = self._cache_file(rows)
+        if cache.is_file():
+            stored = load_entry(cache)
+            self.cache_hits += 1
+        else:
+            stored = self._encode(rows, self.tokenizer)
+            save_entry(stored, cache)
+            self.tokenized += 1
+        return TokenizedDataset(stored["flat"], stored["offsets"], labels)
 
     def texts_of(self, batch: dict[str, torch.Tensor], split: str = "test") -> list[str]:
         """The original texts of a batch of ``split`` (the run's ``test_samples.csv``): decoding its token ids would

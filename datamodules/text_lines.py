@@ -7,6 +7,8 @@
   are chosen, of those 80% become ``[MASK]``, 10% a random token, 10% stay; special tokens and padding never).
   Training batches are masked afresh every epoch; the validation batches are masked once, with ``seed``, so the
   validation loss of every epoch is measured on the same task.
+* ``prepare_data`` (once per node under DDP) only fetches the tokenizer (a hub name is downloaded there, once); the
+  documents are tokenized in ``setup`` by every rank and not cached (each rank holds its own copy of the sequences).
 
 Bad input: a missing file, a missing column (named with the columns that exist) and a corpus with no text are
 errors; empty lines are skipped.
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.folds import check_fold, fold_split
 from datamodules.loaders import current_epoch, make_loader
 from datamodules.text_classification import read_rows
-from datamodules.tokenizers import tokenizer_path
+from datamodules.tokenizers import load_tokenizer
 
 
 def read_documents(path: Path, text_column: str) -> list[str]:
@@ -148,13 +150,16 @@ class TextLinesDataModule(LightningDataModule):
         sequences, special = encoded["input_ids"], encoded["special_tokens_mask"]
         return SequenceDataset(sequences, special)
 
+    def prepare_data(self) -> None:
+        """Fetch the tokenizer once per node (Lightning: local rank 0, before ``setup`` on every rank): a hub name is
+        downloaded here, and ``setup`` reads it from the hub's cache. Nothing is kept: ``setup`` loads it again."""
+        load_tokenizer(self.hparams.tokenizer)
+
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
-        from transformers import AutoTokenizer
-
         hp = self.hparams
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(hp.tokenizer))
+        self.tokenizer = load_tokenizer(hp.tokenizer)
         docs = self.documents()
         if hp.get("num_folds"):  # cross-validation: folds of the documents
             train, val = fold_split(len(docs), hp.num_folds, hp.fold, hp.seed, where="the documents")

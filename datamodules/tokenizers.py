@@ -16,3 +16,10 @@ def minilm_path() -> Path:
 def tokenizer_path(name: str) -> str:
     """Where the tokenizer of an encoder name lives (``bert-tiny`` uses MiniLM's uncased WordPiece vocabulary)."""
     return str(minilm_path()) if name in ("all-minilm-l6-v2", "bert-tiny") else name
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of an encoder name (a hub name is downloaded the first time, then read from the hub's cache)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_path(name))

@@ -174,6 +174,7 @@ def squad_dir(tmp_path: Path) -> Path:
 
 def _squad_data(root: Path, **kwargs) -> SquadDataModule:
     options = dict(train_file="squad.json", val_file=None, tokenizer="bert-tiny", max_length=48, doc_stride=8)
+    options["cache_dir"] = str(root / "cache")
     return SquadDataModule(str(root), **(options | {"max_query_length": 16, "batch_size": 4} | kwargs))
 
 
@@ -187,6 +188,48 @@ def test_holdout_articles_and_answerable_only(squad_dir: Path) -> None:
     assert [e.id for e in dm.examples("val")] == ["Three-0"] and not dm.version_2_with_negative
     with pytest.raises(ValueError, match=r"names \['Four'\], which are not training articles of .*squad.json"):
         _squad_data(squad_dir, holdout_articles=["Four"]).setup("fit")
+
+
+def test_prepare_data_makes_the_windows_and_a_fresh_setup_only_loads(squad_dir: Path, tokenizer, monkeypatch) -> None:
+    from tests.test_text_classification import refuse_to_tokenize
+
+    prepared = _squad_data(squad_dir, holdout_articles=["Two"], test_articles=["Three"])
+    prepared.prepare_data()  # Lightning: local rank 0 of each node
+    assert prepared.tokenized == 3 and len(list((squad_dir / "cache").glob("*"))) == 3  # no temporary file left
+    assert not hasattr(prepared, "datasets") and not hasattr(prepared, "tokenizer")  # setup relies on none of it
+    with monkeypatch.context() as patch:  # another rank: a fresh object that only runs setup
+        refuse_to_tokenize(patch)
+        rank1 = _squad_data(squad_dir, holdout_articles=["Two"], test_articles=["Three"])
+        rank1.setup("fit")
+        batches = list(rank1.train_dataloader())
+    assert rank1.cache_hits == 3 and rank1.tokenized == 0
+    assert [e.id for e in rank1.examples("test")] == ["Three-0", "Three-1"] and rank1.version_2_with_negative
+    # The loaded windows are those make_windows gives.
+    examples = rank1.examples("val")
+    answers = [e.answers[0] if e.answers else None for e in examples]
+    questions, contexts = [e.question for e in examples], [e.context for e in examples]
+    made = make_windows(tokenizer, questions, contexts, 48, 8, 16, answers)
+    loaded = [rank1.datasets["val"][i] for i in range(len(rank1.datasets["val"]))]
+    assert len(loaded) == len(made) > 2
+    for i, (window, expected) in enumerate(zip(loaded, made, strict=True)):
+        assert window.pop("window_index") == i
+        assert [tuple(o) for o in window.pop("offsets").tolist()] == expected.pop("offsets")
+        assert window == expected
+    assert sum(len(b["example_index"]) for b in batches) == len(rank1.datasets["train"])
+    alone = _squad_data(squad_dir, holdout_articles=["Two"], test_articles=["Three"], cache_dir=str(squad_dir / "c2"))
+    alone.setup("fit")  # setup alone, on an empty cache
+    assert alone.tokenized == 3 and alone.cache_hits == 0
+    for split in ("train", "val", "test"):
+        assert len(alone.datasets[split]) == len(rank1.datasets[split])
+        assert alone.datasets[split][0]["input_ids"] == rank1.datasets[split][0]["input_ids"]
+    edit = {"One": [(CONTEXT, "Who built it?", "Gustave Eiffel")], "Two": [(CONTEXT, "When?", None)]}
+    (squad_dir / "squad.json").write_text(json.dumps(squad_json(edit)))
+    edited = _squad_data(squad_dir)
+    edited.prepare_data()
+    assert edited.tokenized == 2  # a changed file is another key
+    other = _squad_data(squad_dir, max_length=40)
+    other.prepare_data()
+    assert other.tokenized == 2 and len(list((squad_dir / "cache").glob("qa-*.pt"))) == 7  # other window sizes too
 
 
 class KeywordQA(ExtractiveQA):

@@ -4,6 +4,7 @@ predictions on strings, and a tiny BERT that trains."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from lightning import Trainer
 
 from datamodules.text_classification import TextClassificationDataModule, read_rows
+from datamodules.token_cache import load_entry, save_entry
 from modules.text_classifier import TextClassifier
 
 POSITIVE = ["a great movie", "wonderful and moving", "i loved it", "superb acting", "a joy to watch", "brilliant"]
@@ -61,15 +63,108 @@ def test_length_grouping_reduces_padding(text_dir: Path) -> None:
 
 
 def test_tokenization_is_cached_and_invalidated(text_dir: Path) -> None:
-    first = _data(text_dir)
-    assert first.cache_hits == 0 and len(list((text_dir / "cache").glob("*.pt"))) == 2
+    first = _data(text_dir)  # setup without prepare_data: an empty cache, so setup tokenizes and writes it
+    assert first.cache_hits == 0 and first.tokenized == 2 and len(list((text_dir / "cache").glob("*.pt"))) == 2
     again = _data(text_dir)
-    assert again.cache_hits == 2
+    assert again.cache_hits == 2 and again.tokenized == 0
     assert torch.equal(again.datasets["train"].flat["input_ids"], first.datasets["train"].flat["input_ids"])
     assert _data(text_dir, max_length=16).cache_hits == 0  # another length is another key
     write_tsv(text_dir / "dev.tsv", [("an entirely new sentence", "pos"), ("and another", "neg")])
     changed = _data(text_dir)
     assert changed.cache_hits == 1  # train reused, the edited dev file tokenized again
+
+
+def refuse_to_tokenize(monkeypatch) -> None:
+    """Make any call of a tokenizer (transformers tokenizers are called through this one method) an error."""
+    from transformers import PreTrainedTokenizerBase
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tokenizer was called")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", refuse)
+
+
+def test_prepare_data_tokenizes_and_a_fresh_setup_only_loads(text_dir: Path, monkeypatch) -> None:
+    options = dict(tokenizer="bert-tiny", batch_size=4, cache_dir=str(text_dir / "cache"), max_length=32)
+    prepared = TextClassificationDataModule(str(text_dir), **options)
+    prepared.prepare_data()  # Lightning: local rank 0 of each node
+    assert prepared.tokenized == 2 and len(list((text_dir / "cache").glob("*"))) == 2  # no temporary file left
+    assert not hasattr(prepared, "datasets") and not hasattr(prepared, "tokenizer")  # setup relies on none of it
+    with monkeypatch.context() as patch:  # another rank: a fresh object that only runs setup
+        refuse_to_tokenize(patch)
+        rank1 = TextClassificationDataModule(str(text_dir), **options)
+        rank1.setup("fit")
+        batches = list(rank1.train_dataloader())
+    assert rank1.cache_hits == 2 and rank1.tokenized == 0
+    alone = _data(text_dir, cache_dir=str(text_dir / "elsewhere"), group_by_length=False)  # setup on an empty cache
+    assert alone.tokenized == 2 and alone.cache_hits == 0
+    for split in ("train", "val"):
+        for key, ids in alone.datasets[split].flat.items():
+            assert torch.equal(rank1.datasets[split].flat[key], ids)
+        assert torch.equal(rank1.datasets[split].labels, alone.datasets[split].labels)
+    assert sum(len(b["labels"]) for b in batches) == len(alone.datasets["train"]) == 24
+    prepared.setup("fit")  # the rank that prepared loads what it wrote
+    assert prepared.cache_hits == 2 and prepared.tokenized == 2
+    again = TextClassificationDataModule(str(text_dir), **options)
+    again.prepare_data()
+    assert again.tokenized == 0  # a later run finds the entries
+    write_tsv(text_dir / "dev.tsv", [("an entirely new sentence", "pos"), ("and another", "neg")])
+    edited = TextClassificationDataModule(str(text_dir), **options)
+    edited.prepare_data()
+    assert edited.tokenized == 1  # a changed file is another key; train is reused
+    fresh = TextClassificationDataModule(str(text_dir), **options)
+    fresh.setup("fit")
+    assert fresh.cache_hits == 2 and fresh.tokenized == 0 and len(fresh.datasets["val"]) == 2
+
+
+def test_a_cache_entry_is_written_once_and_never_replaced(tmp_path: Path) -> None:
+    entry = tmp_path / "cache" / "key.pt"
+    assert save_entry({"ids": torch.arange(3)}, entry)
+    assert not save_entry({"ids": torch.arange(5)}, entry)  # another process (node) with the same key: harmless
+    assert torch.equal(load_entry(entry)["ids"], torch.arange(3))
+    assert [p.name for p in entry.parent.iterdir()] == ["key.pt"]
+
+
+class PreparedTextData(TextClassificationDataModule):
+    """Writes a line to ``prepare_data.log`` per ``prepare_data`` call, and each rank's counters after ``setup``."""
+
+    def prepare_data(self) -> None:
+        super().prepare_data()
+        with open(Path(self.options.data_dir) / "prepare_data.log", "a") as log:
+            log.write(f"{os.getpid()}\n")
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        counters = {"cache_hits": self.cache_hits, "tokenized": self.tokenized}
+        (Path(self.options.data_dir) / f"rank{self.trainer.global_rank}.json").write_text(json.dumps(counters))
+
+
+@pytest.mark.slow  # two spawned processes
+def test_ddp_prepares_once_and_the_other_rank_only_loads(text_dir: Path, monkeypatch) -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # an earlier DDP test's port may still be bound
+    options = dict(tokenizer="bert-tiny", batch_size=4, cache_dir=str(text_dir / "cache"), max_length=32)
+    model = TextClassifier("bert-tiny", class_names=["neg", "pos"])
+    trainer = Trainer(
+        default_root_dir=text_dir,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(start_method="spawn", process_group_backend="gloo"),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model, PreparedTextData(str(text_dir), **options))
+    assert len((text_dir / "prepare_data.log").read_text().splitlines()) == 1
+    rank0, rank1 = (json.loads((text_dir / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == {"cache_hits": 2, "tokenized": 2}  # prepared, then loaded what it wrote
+    assert rank1 == {"cache_hits": 2, "tokenized": 0}  # only loaded
 
 
 def test_formats_csv_json_jsonl_and_headerless(tmp_path: Path) -> None:
