@@ -23,6 +23,11 @@ def _data_args(config: Path, image_folder: Path, tmp_path: Path) -> list[str]:
     data = yaml.safe_load(config.read_text())["data"]
     if "image_folder" in data["class_path"]:
         return ["--data.data_dir", str(image_folder)]
+    if "streaming" in data["class_path"]:
+        from datamodules.streaming import write_shards
+
+        write_shards(image_folder, tmp_path / "shards", samples_per_shard=8)
+        return ["--data.train_shards", str(tmp_path / "shards"), "--data.val_shards", str(tmp_path / "shards")]
     if "squad" in data["class_path"]:
         from tests.test_qa import CONTEXT, squad_json
 
