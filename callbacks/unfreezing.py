@@ -8,7 +8,9 @@ exists from the first step (``modules.param_groups``) and a strategy only toggle
   and skip their backward pass;
 * as a pure function of the epoch (:meth:`BackboneFreezing.trainable`), so a resumed run restores its phase;
 * parameters frozen in every epoch of the run are frozen in ``setup``, before DDP wraps the model; if the trainable
-  set changes during the run, DDP must run with ``find_unused_parameters=True`` (checked at start-up).
+  set changes during the run, DDP must run with ``find_unused_parameters=True`` (checked at start-up);
+* when a ``requires_grad`` flag actually changed, the module's ``on_trainable_changed()`` is called
+  (``FineTuneModule``: a compiled backbone is recompiled, so no graph traced for the previous set is reused).
 
 The BatchNorm policy is explicit, because a frozen BatchNorm in train mode still updates its running statistics:
 
@@ -82,8 +84,7 @@ class BackboneFreezing(Callback):
         phases = self.phases(self.groups, max_epochs) if max_epochs else None
         ever = set().union(*(t for _, t in phases)) if phases else set(self.groups)
         # Frozen for the whole run: freeze before DDP wraps the model, so DDP never waits for their gradients.
-        for group in self.groups:
-            self._set_trainable(group, group in ever)
+        self._apply(pl_module, ever)
         changes = phases is None or len(phases) > 1
         strategy = trainer.strategy
         if changes and isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
@@ -95,8 +96,7 @@ class BackboneFreezing(Callback):
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.current = self.trainable(trainer.current_epoch, self.groups)
-        for group in self.groups:
-            self._set_trainable(group, group in self.current)
+        self._apply(pl_module, self.current)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         # Every batch: Lightning puts the model back in train mode after each validation run.
@@ -106,6 +106,15 @@ class BackboneFreezing(Callback):
             train = self.bn_policy == "freeze_stats" and group in self.current
             for layer in layers:
                 layer.train(train)
+
+    def _apply(self, pl_module: LightningModule, trainable: set[str]) -> None:
+        """Make the groups in ``trainable`` train and the others not; tell the module when any flag changed."""
+        before = [p.requires_grad for p in pl_module.parameters()]
+        for group in self.groups:
+            self._set_trainable(group, group in trainable)
+        changed = before != [p.requires_grad for p in pl_module.parameters()]
+        if changed and hasattr(pl_module, "on_trainable_changed"):
+            pl_module.on_trainable_changed()
 
     def _set_trainable(self, group: str, trainable: bool) -> None:
         for param in self.params[group]:

@@ -21,6 +21,7 @@ What a task needs from its data (number of classes, class names, the tokenizer, 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning import LightningModule
@@ -28,6 +29,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from modules.adapters import LoRA, base_fingerprint, base_parameter_names, inject_lora, merge_adapters
 from modules.backbones import split_by_group
+from modules.compiling import compile_in_place, compile_options, is_compiled, recompile, strip_compile_prefix, uncompile
 from modules.param_groups import build_param_groups
 
 
@@ -46,6 +48,12 @@ class FineTuneModule(LightningModule):
         lora: LoRA adapters on the backbone (``modules.adapters.LoRA``: rank, alpha, dropout, target modules;
             ``configs/presets/lora.yaml``): the backbone's own weights stay frozen, its adapters and the head train,
             and checkpoints hold only what trains plus a fingerprint of the base weights.
+        compile: ``torch.compile`` the backbone for training and evaluation: true (the defaults) or
+            ``torch.compile``'s arguments (``{mode: max-autotune-no-cudagraphs, dynamic: true}``). The backbone is
+            compiled in place when a Trainer starts (``configure_model``), so checkpoints keep plain keys (no
+            ``_orig_mod.``), and recompiled whenever a freezing strategy changes what trains. The first steps and
+            each phase change pay the compilation; ``make bench ARGS="--only compile"`` measures whether it pays off
+            on the machine at hand.
     """
 
     def __init__(
@@ -57,6 +65,7 @@ class FineTuneModule(LightningModule):
         weight_decay: float = 0.01,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lora: LoRA | None = None,
+        compile: bool | dict[str, Any] = False,
     ):
         super().__init__()
         # Collects the arguments of every constructor in the chain (the task's and these), whatever their defaults.
@@ -67,6 +76,8 @@ class FineTuneModule(LightningModule):
         self.optimizer = optimizer
         self.frozen_base: frozenset[str] = frozenset()  # backbone parameters that never train (LoRA's base)
         self._base_fingerprint: str | None = None
+        # Not `self.compile`: that is nn.Module's method.
+        self.compile_options: dict[str, Any] | None = compile_options(compile)
 
     def apply_adapters(self) -> None:
         """The last step of a task's ``__init__``, once ``backbone`` holds its final weights: inject the LoRA adapters
@@ -75,6 +86,29 @@ class FineTuneModule(LightningModule):
             return
         self.adapted_layers = inject_lora(self.backbone, self.lora)
         self.frozen_base = frozenset(base_parameter_names(self.backbone, self.lora))
+        self.on_trainable_changed()
+
+    # --- torch.compile (modules/compiling.py) ------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Compile the backbone (``model.compile``) in place when a Trainer starts ``fit``, ``validate``, ``test`` or
+        ``predict``: after the constructor has injected the LoRA adapters and frozen their base, after the freezing
+        strategy's ``setup`` has frozen what never trains, and never in the constructor, so a model rebuilt from a
+        checkpoint for export, prediction or as a distillation teacher stays eager. Compiling in place keeps the
+        state dict's keys, so a checkpoint restored after this hook (a resumed fit) loads as it is. Compilation
+        itself happens at the first forward pass. (Lightning's ``load_from_checkpoint`` calls this hook too, with no
+        Trainer: nothing is compiled then.)"""
+        if self._trainer is None:
+            return
+        if self.compile_options is not None and not is_compiled(self.backbone):
+            compile_in_place(self.backbone, self.compile_options)
+
+    def on_trainable_changed(self) -> None:
+        """Called after the set of parameters that require gradients changed (a freezing strategy at a phase
+        change, adapters injected): a compiled backbone is compiled again, so no graph traced for the previous set
+        is reused (pytorch #139476). Nothing happens when the backbone is not compiled."""
+        if self.compile_options is not None and is_compiled(self.backbone):
+            recompile(self.backbone, self.compile_options)
 
     def tunable_parameters(self) -> dict[str, list[torch.nn.Parameter]]:
         """Layer group -> the backbone parameters that may train in it (what a freezing strategy toggles): all of
@@ -94,7 +128,10 @@ class FineTuneModule(LightningModule):
 
     def for_export(self) -> FineTuneModule:
         """The model as it should be served: LoRA adapters merged into plain layers (each merged layer checked
-        against its adapter layer), so the export needs neither peft nor the base weights separately."""
+        against its adapter layer), so the export needs neither peft nor the base weights separately; a compiled
+        backbone runs eagerly again (tracing, ONNX and merging need the plain modules; its weights were plain all
+        along)."""
+        uncompile(self.backbone)
         if self.lora is not None and self.frozen_base:
             count = merge_adapters(self.backbone)
             print(f"merged the LoRA adapters of {count} layers into the backbone")
@@ -117,6 +154,9 @@ class FineTuneModule(LightningModule):
         return self.optimizer(groups)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain keys even if something wrapped a submodule in torch.compile's OptimizedModule (Lightning #17415).
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
         if self.frozen_base:
             # LoRA: the checkpoint holds what trains (adapters, head, buffers such as BatchNorm statistics) and a
             # fingerprint of the base weights, which are rebuilt from the backbone's source when it is loaded.
@@ -128,6 +168,8 @@ class FineTuneModule(LightningModule):
         checkpoint["hyper_parameters"] |= {"pretrained": False, "backbone_checkpoint": None}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "state_dict" in checkpoint:  # written from a model wrapped by torch.compile(...): `_orig_mod.` in its keys
+            checkpoint["state_dict"] = strip_compile_prefix(checkpoint["state_dict"])
         expected = checkpoint.get("lora_base_fingerprint")
         if expected is None:
             return

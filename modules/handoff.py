@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modules.compiling import strip_compile_prefix
+
 WEIGHTS = "backbone.safetensors"
 META = "backbone.json"
 
@@ -75,6 +77,7 @@ def read_backbone(source: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
+    state = strip_compile_prefix(state)  # saved from a model wrapped by torch.compile(...)
     if any(k.startswith("backbone.") for k in state):
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     return state, meta
@@ -170,6 +173,7 @@ def export_backbone(
     if state is None:
         weights = model.backbone.state_dict()
     else:
+        state = strip_compile_prefix(state)
         weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     # clone: safetensors refuses tensors that share memory (tied embeddings), and views of larger tensors.
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in weights.items()}

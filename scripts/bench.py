@@ -28,6 +28,9 @@ digits, batch 64):
         Skipped, with a note, when the data is absent.
     lora: all-MiniLM-L6-v2 with ``configs/presets/lora.yaml``'s adapters vs fully fine-tuned: trainable parameters,
         step time, activations saved for backward, gradient + AdamW memory and checkpoint size, same batches.
+    compile: a training step eager vs with ``model.compile`` (``torch.compile`` of the backbone, inductor) for the
+        default image experiment and for all-MiniLM-L6-v2 (batch 32 of 64 tokens): step time after the first steps,
+        and the compile time those first steps pay (cold inductor cache).
 
 On a GPU the batch sizes are 4 times larger and the device is recorded; nothing else changes.
 """
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 from scripts.benchmarks import (
     cli,
+    compile,
     efficiency,
     frozen_vs_full,
     loader_workers,
@@ -57,6 +61,7 @@ SECTIONS: dict[str, Section] = {
     "pretrained_vs_scratch": pretrained_vs_scratch.run,
     "text": text.run,
     "lora": lora.run,
+    "compile": compile.run,
     "quantization": quantization.run,  # after precision: it quantizes that section's fp32 run
     "efficiency": efficiency.run,  # last: it reuses the throughput overhead and text measured
 }

@@ -63,6 +63,14 @@ def plan(args: list[str] | None = None, console: Console | None = None) -> list[
             f"({', '.join(kinds)}): the backbone groups below hold {adapters:,} adapter parameters; its "
             f"{base:,} base parameters stay frozen"
         )
+    options = getattr(model, "compile_options", None)
+    if options is not None:
+        count = len(freezing.phases(groups, max_epochs))
+        console.print(
+            f"torch.compile on the backbone ({', '.join(f'{k}={v}' for k, v in options.items()) or 'defaults'}), "
+            f"in place (plain checkpoint keys): compiled for each of the {count} phase(s) below, whose first "
+            "steps pay the compilation"
+        )
     phases = []
     for epoch, trainable in freezing.phases(groups, max_epochs):
         step = epoch * per_epoch

@@ -37,7 +37,8 @@ SLOW = {
     "efficiency",
     "lora",
     "quantization",
-}  # end-to-end runs, MiniLM, the matmul peak
+    "compile",
+}  # end-to-end runs, MiniLM, the matmul peak, inductor compilations
 
 
 def structure(result: dict) -> dict:

@@ -122,8 +122,9 @@ def digits(config: BenchConfig, **kwargs) -> DigitsDataModule:
     return data
 
 
-def default_model(config: BenchConfig) -> ImageClassifier:
-    """The default experiment's model and optimizer settings (``configs/digits.yaml``) on ``config.backbone``."""
+def default_model(config: BenchConfig, **kwargs) -> ImageClassifier:
+    """The default experiment's model and optimizer settings (``configs/digits.yaml``) on ``config.backbone``, with
+    ``kwargs`` (more :class:`ImageClassifier` arguments, such as ``compile``)."""
     return ImageClassifier(
         config.backbone,
         num_classes=10,
@@ -133,6 +134,7 @@ def default_model(config: BenchConfig) -> ImageClassifier:
         lr=0.005,
         backbone_lr=0.002,
         weight_decay=0.01,
+        **kwargs,
     )
 
 
