@@ -22,13 +22,20 @@ TRIALS ?= 12
 FOLDS  ?= 5
 CV     ?= 0
 QUANTIZE ?=
+NODES  ?= 1
+NODE_RANK ?= 0
+MASTER ?= 127.0.0.1
+RUN_ID ?= 0
+GPUS   ?=
+TIME   ?=
+PRESET ?= configs/presets/ddp.yaml
 TEACHER ?=
 DISTILL_FROM = $(if $(filter text,$(TASK)),text_sst2,digits)
 # The best checkpoint (epochNN-acc*.ckpt) of the newest teacher run, unless TEACHER=<checkpoint> is given.
 NEWEST_TEACHER = $(or $(TEACHER),$(shell ls -t runs/$(DISTILL_FROM)/version_*/checkpoints/epoch*.ckpt 2>/dev/null | head -n 1))
 
 .PHONY: help install train test test-fast smoke lint format clean plan lr-find bench eval predict export sync \
-	pretrain finetune compare recipes export-backbone fashion-mnist resume test-compat sweep cv distill
+	pretrain finetune compare recipes export-backbone fashion-mnist resume test-compat sweep cv distill torchrun slurm
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -68,6 +75,14 @@ finetune: $(STAMP) ## Fine-tune configs/finetune_<TASK>.yaml from BACKBONE (defa
 compare: $(STAMP) ## Fine-tune from BACKBONE and from scratch, same budget, SEEDS="0 1 2": table in runs/compare_<TASK>/
 	@test -n "$(NEWEST_BACKBONE)" || { echo "no backbone under runs/pretrain_$(TASK)/: run make pretrain TASK=$(TASK) first, or give BACKBONE=<folder>"; exit 2; }
 	$(PY) scripts/compare.py --config configs/finetune_$(TASK).yaml --backbone $(NEWEST_BACKBONE) --seeds $(SEEDS) --out runs/compare_$(TASK) $(ARGS)
+
+torchrun: $(STAMP) ## This node's share of a multi-node run: NODES=2 NODE_RANK=0|1 MASTER=<node 0> RUN_ID=<same on all> [GPUS=n]
+	$(PY) scripts/launch.py torchrun --nodes $(NODES) --node-rank $(NODE_RANK) --master-addr $(MASTER) --run-id $(RUN_ID) \
+	  $(if $(GPUS),--procs-per-node $(GPUS)) -- --config $(CONFIG) --config $(PRESET) $(ARGS)
+
+slurm: $(STAMP) ## Write runs/<exp>/<exp>.sbatch: NODES x GPUS, TIME=HH:MM:SS, requeued before the limit; SUBMIT=1 sbatches it
+	$(PY) scripts/launch.py slurm --nodes $(NODES) $(if $(GPUS),--gpus-per-node $(GPUS)) $(if $(TIME),--time $(TIME)) \
+	  $(if $(SUBMIT),--submit) -- --config $(CONFIG) --config $(PRESET) $(ARGS)
 
 recipes: $(STAMP) ## Each default recipe vs a naive loop and from scratch, SEEDS, TASKS: runs/recipes/results.md
 	$(PY) scripts/recipes.py --tasks $(TASKS) --seeds $(SEEDS) $(ARGS)

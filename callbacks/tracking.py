@@ -394,34 +394,45 @@ class RunReport(Callback):
                 _log_image(trainer, f"plots/{key}", path)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if batch_idx == 0 and self._sample_batch is None and trainer.is_global_zero:
+        if batch_idx == 0 and self._sample_batch is None:
             self._sample_batch = batch
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         batch, self._sample_batch = self._sample_batch, None
+        names = list(pl_module.hparams.get("class_names") or [])
+        probs = None
+        if batch is not None and names and hasattr(pl_module, "split_batch"):
+            # Every rank runs this forward pass: under FSDP a forward pass is a collective (all-gathers).
+            probs = self._predict(pl_module, batch)
         log_dir = run_dir(trainer)
         if not trainer.is_global_zero or log_dir is None:
             return
         for name, text in getattr(pl_module, "test_artifacts", dict)().items():  # the task protocol's files
             (log_dir / name).write_text(text, encoding="utf-8")
-        names = list(pl_module.hparams.get("class_names") or [])
         matrix = getattr(pl_module, "confusion_matrix", None)
         if matrix is not None and names:
             _log_image(
                 trainer, "test/confusion_matrix", plot_confusion(matrix, names, log_dir / "confusion_matrix.png")
             )
-        if batch is not None and names and hasattr(pl_module, "split_batch"):
-            self._samples(trainer, pl_module, batch, names, log_dir)
+        if probs is not None:
+            self._samples(trainer, pl_module, batch, probs, names, log_dir)
 
     @torch.no_grad()
-    def _samples(self, trainer: Trainer, pl_module: LightningModule, batch, names: list[str], log_dir: Path) -> None:
-        inputs, labels = pl_module.split_batch(batch)
+    def _predict(self, pl_module: LightningModule, batch) -> torch.Tensor | None:
+        """The class probabilities of the first ``samples`` examples of ``batch`` (None for multi-label models)."""
         if getattr(pl_module, "multi_label", False):
-            return
+            return None
+        inputs, _ = pl_module.split_batch(batch)
         was_training = pl_module.training
         pl_module.eval()
         probs = pl_module(inputs).softmax(-1)[: self.samples].cpu()
         pl_module.train(was_training)
+        return probs
+
+    def _samples(
+        self, trainer: Trainer, pl_module, batch, probs: torch.Tensor, names: list[str], log_dir: Path
+    ) -> None:
+        inputs, labels = pl_module.split_batch(batch)
         labels = labels[: self.samples].cpu().tolist()
         preds = probs.argmax(-1).tolist()
         true_names, pred_names = [names[i] for i in labels], [names[i] for i in preds]

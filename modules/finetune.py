@@ -26,11 +26,13 @@ from typing import Any
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 
 from modules.adapters import LoRA, base_fingerprint, base_parameter_names, inject_lora, merge_adapters
 from modules.backbones import split_by_group
 from modules.compiling import compile_in_place, compile_options, is_compiled, recompile, strip_compile_prefix, uncompile
 from modules.param_groups import build_param_groups
+from modules.sharding import is_sharded, shard
 
 
 class FineTuneModule(LightningModule):
@@ -54,6 +56,8 @@ class FineTuneModule(LightningModule):
             ``_orig_mod.``), and recompiled whenever a freezing strategy changes what trains. The first steps and
             each phase change pay the compilation; ``make bench ARGS="--only compile"`` measures whether it pays off
             on the machine at hand.
+        activation_checkpointing: under FSDP (``configs/presets/fsdp.yaml``), recompute each backbone layer
+            group's activations in the backward pass instead of keeping them (``modules/sharding.py``).
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class FineTuneModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lora: LoRA | None = None,
         compile: bool | dict[str, Any] = False,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         # Collects the arguments of every constructor in the chain (the task's and these), whatever their defaults.
@@ -100,6 +105,17 @@ class FineTuneModule(LightningModule):
         Trainer: nothing is compiled then.)"""
         if self._trainer is None:
             return
+        mesh = self.device_mesh  # set by ModelParallelStrategy (configs/presets/fsdp.yaml): shard first, then compile
+        if mesh is not None and not is_sharded(self):
+            shard(
+                self,
+                self.backbone,
+                self.layer_groups,
+                mesh,
+                activation_checkpointing=self.hparams.get("activation_checkpointing", False),
+            )
+        elif self.hparams.get("activation_checkpointing"):
+            rank_zero_warn("activation_checkpointing applies under FSDP (configs/presets/fsdp.yaml) only; ignored")
         if self.compile_options is not None and not is_compiled(self.backbone):
             compile_in_place(self.backbone, self.compile_options)
 

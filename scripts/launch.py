@@ -71,8 +71,19 @@ def _int_devices(value, what: str) -> int:
     return devices
 
 
+def _local_devices(trainer: dict) -> int:
+    """``trainer.devices`` as a count on this node (``-1``/``auto`` on a GPU experiment: this node's GPUs)."""
+    devices = trainer.get("devices")
+    if str(devices) in ("-1", "auto") and str(trainer.get("accelerator")) in ("gpu", "cuda", "auto"):
+        import torch
+
+        if torch.cuda.device_count():
+            return torch.cuda.device_count()
+    return _int_devices(devices, "torchrun")
+
+
 def torchrun_command(args, config: dict) -> list[str]:
-    procs = args.procs_per_node or _int_devices(config["trainer"].get("devices"), "torchrun")
+    procs = args.procs_per_node or _local_devices(config["trainer"])
     folder = Path(args.run_folder) if args.run_folder else run_root(config) / f"torchrun_{args.run_id}"
     command = [
         sys.executable,
@@ -122,16 +133,19 @@ def sbatch_script(args, config: dict) -> str:
         f"# Written by scripts/launch.py slurm for the experiment {name!r}; submit with: sbatch <this file>",
         f"#SBATCH --job-name={name}",
         f"#SBATCH --nodes={nodes}",
-        f"#SBATCH --ntasks-per-node={per_node}  # one task per device = trainer.devices (checked at start-up)",
+        "# One task per device: --ntasks-per-node must equal trainer.devices (scripts/train.py checks it at start-up).",
+        f"#SBATCH --ntasks-per-node={per_node}",
     ]
     if not cpu:
         lines.append(f"#SBATCH --gpus-per-node={per_node}")
     lines += [
         f"#SBATCH --cpus-per-task={cpus}",
         f"#SBATCH --time={time}",
-        f"#SBATCH --signal=USR1@{args.grace}  # {args.grace} s before the limit: save last.ckpt and requeue",
+        f"# {args.grace} s before the limit SLURM signals the tasks: they save last.ckpt and requeue the job, whose",
+        "# next start resumes in the same run folder (callbacks/requeue.py); a requeued job appends to its log.",
+        f"#SBATCH --signal=USR1@{args.grace}",
         "#SBATCH --requeue",
-        "#SBATCH --open-mode=append  # a requeued job appends to its log",
+        "#SBATCH --open-mode=append",
         f"#SBATCH --output={root}/slurm-%j.out",
     ]
     lines += [f"#SBATCH --partition={args.partition}"] if args.partition else []
