@@ -22,10 +22,10 @@ TRIALS ?= 12
 FOLDS  ?= 5
 CV     ?= 0
 QUANTIZE ?=
-NODES  ?= 1
+NODES  ?=
 NODE_RANK ?= 0
 MASTER ?= 127.0.0.1
-RUN_ID ?= 0
+RUN_ID ?=
 GPUS   ?=
 TIME   ?=
 PRESET ?= configs/presets/ddp.yaml
@@ -77,11 +77,11 @@ compare: $(STAMP) ## Fine-tune from BACKBONE and from scratch, same budget, SEED
 	$(PY) scripts/compare.py --config configs/finetune_$(TASK).yaml --backbone $(NEWEST_BACKBONE) --seeds $(SEEDS) --out runs/compare_$(TASK) $(ARGS)
 
 torchrun: $(STAMP) ## This node's share of a multi-node run: NODES=2 NODE_RANK=0|1 MASTER=<node 0> RUN_ID=<same on all> [GPUS=n]
-	$(PY) scripts/launch.py torchrun --nodes $(NODES) --node-rank $(NODE_RANK) --master-addr $(MASTER) --run-id $(RUN_ID) \
-	  $(if $(GPUS),--procs-per-node $(GPUS)) -- --config $(CONFIG) --config $(PRESET) $(ARGS)
+	$(PY) scripts/launch.py torchrun --nodes $(or $(NODES),1) --node-rank $(NODE_RANK) --master-addr $(MASTER) \
+	  $(if $(RUN_ID),--run-id $(RUN_ID)) $(if $(GPUS),--procs-per-node $(GPUS)) -- --config $(CONFIG) --config $(PRESET) $(ARGS)
 
 slurm: $(STAMP) ## Write runs/<exp>/<exp>.sbatch: NODES x GPUS, TIME=HH:MM:SS, requeued before the limit; SUBMIT=1 sbatches it
-	$(PY) scripts/launch.py slurm --nodes $(NODES) $(if $(GPUS),--gpus-per-node $(GPUS)) $(if $(TIME),--time $(TIME)) \
+	$(PY) scripts/launch.py slurm $(if $(NODES),--nodes $(NODES)) $(if $(GPUS),--gpus-per-node $(GPUS)) $(if $(TIME),--time $(TIME)) \
 	  $(if $(SUBMIT),--submit) -- --config $(CONFIG) --config $(PRESET) $(ARGS)
 
 recipes: $(STAMP) ## Each default recipe vs a naive loop and from scratch, SEEDS, TASKS: runs/recipes/results.md

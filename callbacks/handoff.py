@@ -32,12 +32,15 @@ class ExportBackbone(Callback):
         self.path: Path | None = None
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.interrupted or not trainer.is_global_zero:
+        if trainer.interrupted:
+            return
+        log_dir = trainer.log_dir  # on every rank: under DDP it is a broadcast, which rank 0 alone would wait on
+        if not trainer.is_global_zero:
             return
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"] if best else None
-        root = Path(trainer.log_dir or trainer.default_root_dir)
+        root = Path(log_dir or trainer.default_root_dir)
         self.path = export_backbone(
             pl_module, root / self.folder, state=state, source=best or "final weights", git_commit=git_commit()
         )

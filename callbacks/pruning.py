@@ -155,6 +155,11 @@ class MagnitudePruning(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if any(cls.__name__ == "ModelParallelStrategy" for cls in type(trainer.strategy).__mro__):
+            raise ValueError(
+                "MagnitudePruning under FSDP: its masks hold whole weights while FSDP shards them; prune on one device "
+                "or under DDP"
+            )
         if any(".lora_" in name for name, _ in pl_module.named_modules()):
             raise ValueError(
                 "MagnitudePruning with LoRA adapters: the merged weights of the export would not be sparse; "

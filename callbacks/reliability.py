@@ -40,8 +40,9 @@ class EpochSeed(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.fit_loop.restarted_mid_epoch and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             rank_zero_warn(
-                "resumed from a checkpoint saved in the middle of an epoch: that epoch's data restarts from its first "
-                "batch, so the run is not bit-identical to an uninterrupted one (end-of-epoch checkpoints are)"
+                "resumed from a checkpoint saved in the middle of an epoch: the epoch goes on with the batches it had "
+                "not trained yet, in the same order, but its random draws (augmentation, dropout) differ from an "
+                "uninterrupted run's, so the run is not bit-identical to one (end-of-epoch checkpoints are)"
             )
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

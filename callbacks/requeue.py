@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
@@ -73,31 +74,43 @@ class Requeue(Callback):
         if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
             return
         self.requeued = True
-        path = self._last_checkpoint(trainer)
-        trainer.save_checkpoint(path)  # every rank calls it (sharded strategies gather); rank 0 writes
+        path = self._save_last(trainer)  # every rank calls it (sharded strategies gather); rank 0 writes
         job = slurm_job_to_requeue()
         if trainer.is_global_zero:
             if job is None:
                 rank_zero_warn(f"{signal.Signals(self.signum).name} outside a SLURM job: saved {path}, not requeued")
             else:
                 command = self.command.format(job=job).split()
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
+                try:
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    failure = f"{done.returncode}: {done.stderr.strip()}" if done.returncode else None
+                except OSError as err:  # no scontrol on this node (a container)
+                    failure = f"{type(err).__name__}: {err}"
+                if failure:
                     rank_zero_warn(
-                        f"`{' '.join(command)}` failed ({done.returncode}: {done.stderr.strip()}): saved {path}; "
-                        "resubmit the job to resume"
+                        f"`{' '.join(command)}` failed ({failure}): saved {path}; requeue the job by hand "
+                        f"(`scontrol requeue {job}`), or start a new one with --run_folder {path.parent.parent} "
+                        "to resume there"
                     )
                 else:
                     rank_zero_info(f"requeued SLURM job {job} at step {trainer.global_step}; saved {path}")
         trainer.should_stop = True
 
     @staticmethod
-    def _last_checkpoint(trainer: Trainer) -> Path:
+    def _save_last(trainer: Trainer) -> Path:
+        """Save ``last.ckpt`` through the checkpoint callback when it keeps one (so it knows the file as its own and
+        goes on writing ``last.ckpt``, not ``last-v1.ckpt``), else to ``<run>/checkpoints/last.ckpt``."""
         callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+            callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+            if callback.last_model_path:
+                return Path(callback.last_model_path)
         folder = getattr(callback, "dirpath", None)
         if folder is None:
             folder = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-        return Path(folder) / "last.ckpt"
+        path = Path(folder) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        return path
 
 
 def requeue_flag(trainer: Trainer) -> bool:

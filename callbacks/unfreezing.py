@@ -76,9 +76,6 @@ class BackboneFreezing(Callback):
             )
         self.groups = list(pl_module.layer_groups)
         self.validate(self.groups)
-        # Under LoRA only the adapters are tunable: the base weights stay frozen whatever the phase.
-        tunable = getattr(pl_module, "tunable_parameters", None)
-        self.params = tunable() if tunable else split_by_group(pl_module.backbone, pl_module.layer_groups)
         self.batchnorms = _batchnorms_by_group(pl_module.backbone, pl_module.layer_groups)
         max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 0
         phases = self.phases(self.groups, max_epochs) if max_epochs else None
@@ -93,6 +90,10 @@ class BackboneFreezing(Callback):
                 "find_unused_parameters=True: use --trainer.strategy=ddp_find_unused_parameters_true "
                 "or configs/presets/ddp.yaml"
             )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A fit resumed in the middle of an epoch starts with no on_train_epoch_start: set that epoch's phase here.
+        self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.current = self.trainable(trainer.current_epoch, self.groups)
@@ -109,6 +110,11 @@ class BackboneFreezing(Callback):
 
     def _apply(self, pl_module: LightningModule, trainable: set[str]) -> None:
         """Make the groups in ``trainable`` train and the others not; tell the module when any flag changed."""
+        # The parameters are looked up at every change, not kept from setup: FSDP2 (modules/sharding.py) replaces
+        # every parameter object when it shards the model, after the callbacks' setup. Under LoRA only the adapters
+        # are tunable: the base weights stay frozen whatever the phase.
+        tunable = getattr(pl_module, "tunable_parameters", None)
+        self.params = tunable() if tunable else split_by_group(pl_module.backbone, pl_module.layer_groups)
         before = [p.requires_grad for p in pl_module.parameters()]
         for group in self.groups:
             self._set_trainable(group, group in trainable)

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from datamodules.folds import check_fold, fold_split
-from datamodules.loaders import current_epoch, make_loader
+from datamodules.loaders import batches_done, current_epoch, make_loader
 from datamodules.transforms import Augment, eval_transform, train_transform
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -296,7 +296,13 @@ class ImageFolderDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         epoch = current_epoch(self.trainer)
         return make_loader(
-            dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle, epoch, collate_fn=collate_skipping
+            dataset,
+            self.hparams.batch_size,
+            self.hparams.num_workers,
+            shuffle,
+            epoch,
+            skip_batches=batches_done(self.trainer),
+            collate_fn=collate_skipping,
         )
 
     def train_dataloader(self) -> DataLoader:

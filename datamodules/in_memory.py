@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from datamodules.folds import check_fold, fold_split
-from datamodules.loaders import current_epoch, make_loader
+from datamodules.loaders import batches_done, current_epoch, make_loader
 from datamodules.transforms import Augment, train_transform
 
 
@@ -134,7 +134,10 @@ class InMemoryImageDataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         epoch = current_epoch(self.trainer)
-        return make_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle, epoch)
+        skip = batches_done(self.trainer)
+        return make_loader(
+            dataset, self.hparams.batch_size, self.hparams.num_workers, shuffle, epoch, skip_batches=skip
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

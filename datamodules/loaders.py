@@ -38,6 +38,17 @@ def run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def batches_done(trainer) -> int:
+    """Training batches of the current epoch already run when ``fit`` resumed from a checkpoint saved in the middle
+    of an epoch (a requeued job); 0 otherwise. Lightning counts them as done, so the loader must not serve them
+    again: :func:`make_loader` skips them in the epoch's order."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None or not loop.restarting:
+        return 0
+    progress = loop.epoch_loop.batch_progress
+    return 0 if progress.is_last_batch else progress.current.ready  # what Lightning adds to its own count
+
+
 def current_epoch(trainer) -> int:
     """The epoch a training loader built now will serve: Lightning's count of processed epochs (already the next
     epoch right after a resume from an end-of-epoch checkpoint); 0 without a trainer."""
@@ -72,6 +83,8 @@ class EpochSampler(DistributedSampler):
         # data module builds its loaders; the rank and world size are read when the order is drawn.
         self.length, self.seed, self.order = length, seed, order
         self.generator = torch.Generator()
+        self.skip = 0  # samples of this rank's share already trained on (a run resumed mid-epoch), once
+        self.epoch = epoch
         self.set_epoch(epoch)
 
     @staticmethod
@@ -81,6 +94,8 @@ class EpochSampler(DistributedSampler):
         return 0, 1
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
         self.epoch = epoch
         self.generator.manual_seed(derive_seed(self.seed, epoch, 1))
 
@@ -96,6 +111,7 @@ class EpochSampler(DistributedSampler):
             padded = -(-len(order) // world) * world
             order = (order * (padded // max(len(order), 1) + 1))[:padded]
             order = order[rank::world]
+        order, self.skip = order[self.skip :], 0  # a resumed epoch goes on where it stopped, with the same order
         return iter(order)
 
 
@@ -111,6 +127,7 @@ def make_loader(
     shuffle: bool = False,
     epoch: int = 0,
     sampler: EpochSampler | None = None,
+    skip_batches: int = 0,
     **kwargs,
 ) -> DataLoader:
     """A DataLoader with pinned memory when a GPU is present; training (``shuffle`` or an :class:`EpochSampler`)
@@ -123,12 +140,14 @@ def make_loader(
         shuffle: a new order every epoch, a function of the run's seed and the epoch (training).
         epoch: the epoch this loader starts at (``current_epoch(trainer)``), for ``shuffle`` or ``sampler``.
         sampler: an :class:`EpochSampler` with another order (its epoch is set to ``epoch``).
+        skip_batches: batches of this epoch already trained (:func:`batches_done`): the order starts after them.
         kwargs: further DataLoader arguments (``collate_fn``, ...).
     """
     if shuffle and sampler is None:
         sampler = EpochSampler(len(dataset), run_seed(), epoch)
     if sampler is not None:
         sampler.set_epoch(epoch)
+        sampler.skip = skip_batches * batch_size
         generator = sampler.generator
     else:
         # Evaluation loaders draw their workers' seed from a private generator, never from the global RNG, whose

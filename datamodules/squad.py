@@ -36,7 +36,7 @@ from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.folds import check_fold, fold_split
-from datamodules.loaders import current_epoch, make_loader
+from datamodules.loaders import batches_done, current_epoch, make_loader
 from datamodules.text_classification import sample_rows
 from datamodules.token_cache import digest, load_entry, save_entry, tokenizer_identity
 from datamodules.tokenizers import load_tokenizer
@@ -509,6 +509,7 @@ class SquadDataModule(LightningDataModule):
             hp.num_workers,
             shuffle=train,
             epoch=current_epoch(self.trainer),
+            skip_batches=batches_done(self.trainer),
             collate_fn=QACollator(self.tokenizer),
         )
 

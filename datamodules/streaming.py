@@ -24,8 +24,10 @@ One training epoch, as every rank and loader worker sees it:
 
 Validation and testing take exact shares instead (``pad=False``): rank ``r`` gets ``[r * N // W, (r + 1) * N // W)``
 in the stored order, so every sample is evaluated exactly once and no duplicate is counted. Ranks may then differ by
-a batch, which is safe: evaluation has no per-step collective (the metrics are torchmetrics objects, synchronised
-once at the epoch's end, and the logged loss is not synced per step).
+a batch, which is safe under DDP: evaluation has no per-step collective (the metrics are torchmetrics objects,
+synchronised once at the epoch's end). Under FSDP every forward pass is a collective (it gathers the parameters), so
+there evaluation shares are padded like training's (a few samples counted twice, as Lightning's own
+``DistributedSampler`` does for evaluation).
 
 Why our own sharding rather than the ``webdataset`` package's: its node and worker splitting hands whole shards to
 ranks, so ranks get unequal sample counts unless the shards divide evenly, and DDP hangs on the rank with a batch more
@@ -502,7 +504,12 @@ class StreamingImageDataModule(LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         hp = self.hparams
-        stream = ShardStream(self.indexes[split], eval_transform(hp.image_size), hp.batch_size)
+        # FSDP's forward pass is a collective: every rank must run as many batches (see the module docstring).
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        sharded = type(strategy).__name__ in ("ModelParallelStrategy", "FSDP2Strategy", "FSDPStrategy") or any(
+            cls.__name__ == "ModelParallelStrategy" for cls in type(strategy).__mro__
+        )
+        stream = ShardStream(self.indexes[split], eval_transform(hp.image_size), hp.batch_size, pad=sharded)
         return make_loader(stream, hp.batch_size, hp.num_workers)  # no randomness: workers may persist
 
     def val_dataloader(self) -> DataLoader:

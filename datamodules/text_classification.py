@@ -48,7 +48,7 @@ from lightning.fabric.utilities.data import AttributeDict
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.folds import check_fold, fold_split
-from datamodules.loaders import EpochSampler, current_epoch, make_loader, run_seed
+from datamodules.loaders import EpochSampler, batches_done, current_epoch, make_loader, run_seed
 from datamodules.token_cache import digest, load_entry, save_entry, tokenizer_identity
 from datamodules.tokenizers import load_tokenizer
 
@@ -522,7 +522,7 @@ class TextClassificationDataModule(LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         hp = self.options
         dataset = self.datasets[split]
-        epoch = current_epoch(self.trainer)
+        epoch, skip = current_epoch(self.trainer), batches_done(self.trainer)
         if train and hp.group_by_length:
             from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -531,9 +531,23 @@ class TextClassificationDataModule(LightningDataModule):
                 len(dataset), run_seed(), order=lambda g: get_length_grouped_indices(lengths, hp.batch_size, None, g)
             )
             return make_loader(
-                dataset, hp.batch_size, hp.num_workers, epoch=epoch, sampler=sampler, collate_fn=self._collate
+                dataset,
+                hp.batch_size,
+                hp.num_workers,
+                epoch=epoch,
+                sampler=sampler,
+                skip_batches=skip,
+                collate_fn=self._collate,
             )
-        return make_loader(dataset, hp.batch_size, hp.num_workers, shuffle=train, epoch=epoch, collate_fn=self._collate)
+        return make_loader(
+            dataset,
+            hp.batch_size,
+            hp.num_workers,
+            shuffle=train,
+            epoch=epoch,
+            skip_batches=skip,
+            collate_fn=self._collate,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -23,7 +23,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.folds import check_fold, fold_split
-from datamodules.loaders import current_epoch, make_loader
+from datamodules.loaders import batches_done, current_epoch, make_loader
 from datamodules.text_classification import read_rows
 from datamodules.tokenizers import load_tokenizer
 
@@ -185,6 +185,7 @@ class TextLinesDataModule(LightningDataModule):
             hp.num_workers,
             shuffle=True,
             epoch=current_epoch(self.trainer),
+            skip_batches=batches_done(self.trainer),
             collate_fn=self.collator(),
         )
 

@@ -44,8 +44,10 @@ def launcher(env: Mapping[str, str]) -> str:
         return "torchrun"
     if "SLURM_JOB_ID" in env and env.get("SLURM_JOB_NAME") not in INTERACTIVE_JOB_NAMES:
         step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID"))
-        # The batch script's own step has no id, or 4294967294 (0xfffffffe; 0xffffffff: the extern step).
-        return "slurm" if step is not None and step not in ("4294967294", "4294967295") else "slurm-batch"
+        # The batch script's own step has no id, or a reserved one: batch 4294967291, extern 4294967292, interactive
+        # 4294967290 (Slurm >= 20.11); 4294967294 and 4294967295 before.
+        reserved = ("4294967290", "4294967291", "4294967292", "4294967294", "4294967295")
+        return "slurm" if step is not None and step not in reserved else "slurm-batch"
     if "NODE_RANK" in env and "MASTER_ADDR" in env:
         return "manual"
     return "none"

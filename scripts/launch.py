@@ -25,6 +25,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -84,6 +85,10 @@ def _local_devices(trainer: dict) -> int:
 
 def torchrun_command(args, config: dict) -> list[str]:
     procs = args.procs_per_node or _local_devices(config["trainer"])
+    if args.run_id is None and args.run_folder is None:
+        if args.nodes > 1:
+            raise SystemExit("error: give --run-id (RUN_ID=...), the same on every node: it names the job's run folder")
+        args.run_id = time.strftime("%Y%m%d-%H%M%S")  # one node: a new run each time
     folder = Path(args.run_folder) if args.run_folder else run_root(config) / f"torchrun_{args.run_id}"
     command = [
         sys.executable,
@@ -119,6 +124,7 @@ def sbatch_script(args, config: dict) -> str:
     time = args.time or _slurm_time(trainer.get("max_time")) or "24:00:00"
     name = config.get("name") or "run"
     root = run_root(config)
+    root = root if root.is_absolute() else REPO / root  # sbatch may be run from any folder
     python = shlex.quote(args.python or sys.executable)
     train = " ".join(
         shlex.quote(a)
@@ -191,7 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--master-addr", default="127.0.0.1", help="node rank 0's address")
     run.add_argument("--master-port", type=int, default=29500)
     run.add_argument("--procs-per-node", type=int, default=None, help="default: trainer.devices")
-    run.add_argument("--run-id", default="0", help="the job's id, the same on every node: runs/<name>/torchrun_<id>")
+    run.add_argument(
+        "--run-id",
+        default=None,
+        help="the job's id, the same on every node: runs/<name>/torchrun_<id>, resumed when it has a last.ckpt "
+        "(required with --nodes > 1; one node: a new timestamp)",
+    )
     run.add_argument("--run-folder", default=None, help="the run folder instead of runs/<name>/torchrun_<id>")
     run.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts a failed group, resuming")
     run.add_argument("--dry-run", action="store_true", help="print the command, do not run it")

@@ -60,6 +60,8 @@ FOLDER_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # loggers whose save_dir/na
 
 # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates, once per run: noise, not a user's concern.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# The template's data modules do resume mid-epoch (datamodules.loaders.batches_done): Lightning cannot know it.
+warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
 # Lightning 2.6 advertises litlogger at every Trainer: that one record is dropped, Lightning's other messages stay.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith("💡 Tip: For seamless cloud logging")

@@ -72,6 +72,13 @@ def split_image_folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _fresh_master_port(monkeypatch):
+    """Lightning leaves the MASTER_PORT of a DDP test in this process's environment, and that port may still be
+    bound when the next DDP test starts: every test starts without one, so Lightning picks a free port."""
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _close_wandb_runs():
     """A W&B run left open by a test (a CLI built with run=False, a Trainer fitted by hand) would be reused by the
     next W&B logger in this process, as Lightning's WandbLogger adopts an active run: close it after each test."""

@@ -32,7 +32,24 @@ from tests.conftest import Blobs
 
 
 class RecordGroups(Callback):
-    # rank 0 writes the optimizer's group names and LRs at the end, and whether the model was sharded
+    # rank 0 writes the optimizer's group names and LRs at the end, and whether the model was sharded; every rank
+    # writes which groups' local shards changed in each epoch
+    @staticmethod
+    def full(tensor):  # the whole parameter, gathered from its shards (a collective: every rank calls it)
+        tensor = tensor.detach()
+        return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.clone()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.before = {k: self.full(v) for k, v in pl_module.named_parameters()}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        changed = sorted(
+            name for name, group in pl_module.named_parameters()
+            if not torch.equal(self.full(group), self.before[name])
+        )
+        with open(folder / f"changed-{trainer.current_epoch}-{trainer.global_rank}.txt", "w") as f:
+            f.write("\\n".join(changed))
+
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:
             groups = [(g.get("name"), g["lr"]) for g in trainer.optimizers[0].param_groups]
@@ -105,6 +122,14 @@ def test_fsdp_trains_with_unfreezing_and_its_checkpoint_loads_on_one_device(tmp_
     assert any(not torch.equal(state[k], initial[k]) for k in trained)
     head = [k for k in state if k.startswith("head.")]
     assert head and all(not torch.equal(state[k], initial[k]) for k in head if k.endswith("weight"))
+
+    # Under FSDP the freezing strategy's phases hold: epoch 0 trains the head alone, epoch 1 the deepest group too.
+    for rank in (0, 1):
+        epoch0 = (tmp_path / "plain" / f"changed-0-{rank}.txt").read_text().split()
+        epoch1 = (tmp_path / "plain" / f"changed-1-{rank}.txt").read_text().split()
+        assert epoch0 and all(name.startswith("head.") for name in epoch0), epoch0
+        assert any(any(name.startswith("backbone." + p) for p in deepest) for name in epoch1), epoch1
+        assert not any(any(name.startswith("backbone." + p) for p in first) for name in epoch1), epoch1
 
     # Activation checkpointing recomputes; it does not change the result.
     rerun = torch.load(_fit(tmp_path / "ac", activation_checkpointing=True), map_location="cpu", weights_only=False)

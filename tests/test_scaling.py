@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lightning import Callback, Trainer
+from lightning import Callback, LightningDataModule, Trainer
+from torch.utils.data import TensorDataset
 
 from callbacks.requeue import Requeue, slurm_job_to_requeue
 from callbacks.scaling import GlobalBatchSize, accumulation_for
-from datamodules.loaders import EpochSampler
+from datamodules.loaders import EpochSampler, batches_done, current_epoch, make_loader
 from modules.image_classifier import ImageClassifier
 from scripts.cluster import launcher, layout_error, slurm_tasks_per_node
 from tests.conftest import REPO, Blobs
@@ -138,6 +139,55 @@ def test_requeue_saves_last_checkpoint_requeues_and_stops(tmp_path: Path, monkey
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 3
     assert signal.getsignal(signal.SIGUSR1) is not requeue._handler  # the previous handler is back
+
+
+class Numbered(LightningDataModule):
+    """24 images whose label is their index (so the batches show which samples trained), in the template's epoch
+    order, resumable mid-epoch like every data module here."""
+
+    num_classes = 24
+
+    def __init__(self):
+        super().__init__()
+        self.data = TensorDataset(
+            torch.rand(24, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(24)
+        )
+
+    def train_dataloader(self):
+        epoch, skip = current_epoch(self.trainer), batches_done(self.trainer)
+        return make_loader(self.data, 4, 0, shuffle=True, epoch=epoch, skip_batches=skip)
+
+    def val_dataloader(self):
+        return make_loader(self.data, 4, 0)
+
+
+class RecordBatches(Callback):
+    def __init__(self):
+        self.seen: list[tuple[int, list[int]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append((trainer.current_epoch, batch[1].tolist()))
+
+
+def test_a_run_requeued_mid_epoch_resumes_where_it_stopped(tmp_path: Path, monkeypatch) -> None:
+    """The resumed epoch serves the batches not yet trained, in the same order: the data of the interrupted run and
+    its continuation together are the uninterrupted run's, batch for batch."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+
+    def model():
+        torch.manual_seed(0)
+        return ImageClassifier("resnet_tiny", num_classes=24, pretrained=False)
+
+    full = RecordBatches()
+    _trainer(tmp_path / "full", [full], max_epochs=2).fit(model(), Numbered())
+    first, second = RecordBatches(), RecordBatches()
+    stop = [Requeue(), SignalAt(2, str(tmp_path / "marker")), first]
+    _trainer(tmp_path / "cut", stop, max_epochs=2, checkpoint=True).fit(model(), Numbered())
+    assert len(first.seen) == 3  # stopped after its third batch
+    resumed = _trainer(tmp_path / "cut", [second], max_epochs=2, checkpoint=True)
+    resumed.fit(model(), Numbered(), ckpt_path=str(tmp_path / "cut" / "ckpt" / "last.ckpt"))
+    assert first.seen + second.seen == full.seen
+    assert sorted(sum((labels for epoch, labels in full.seen if epoch == 0), [])) == list(range(24))
 
 
 # --- 2 nodes through torchrun, and SLURM, on localhost ----------------------------------------------------------

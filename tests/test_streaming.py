@@ -243,11 +243,15 @@ class RecordBatches(Callback):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_same_batches_every_sample_once(samples, tmp_path: Path) -> None:
+def test_ddp_two_processes_same_batches_every_sample_once(samples, tmp_path: Path, monkeypatch) -> None:
     """Real DDP (2 gloo processes): the ranks read their shares from torch.distributed; 23 training samples give
     both ranks 3 batches of 4 (one sample repeated), 9 validation samples are each evaluated once (4 + 5 samples:
     1 and 2 batches, which must not hang)."""
     from lightning.pytorch.strategies import DDPStrategy
+
+    # An earlier DDP test in this process leaves its MASTER_PORT behind, possibly still bound: Lightning picks a free
+    # port when none is set.
+    monkeypatch.delenv("MASTER_PORT", raising=False)
 
     from modules.image_classifier import ImageClassifier
 
