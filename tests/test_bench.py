@@ -25,6 +25,8 @@ TINY = BenchConfig(
     backbone="efficientnet_tiny",
     image_size=16,
     digits=TINY_SPLIT,
+    text_encoder="bert-tiny",
+    compile_backend="aot_eager",
     experiment_args=(
         *("--model.backbone", "efficientnet_tiny", "--data.image_size", "16", "--trainer.max_epochs", "1"),
         *(arg for key, value in TINY_SPLIT.items() for arg in (f"--data.{key}", str(value))),

@@ -70,16 +70,19 @@ def run(context: Context, steps: int = 5, length: int = 64) -> dict:
     config = context.config
     image_batch, text_batch = 64 * SCALE, 32 * SCALE
     results = {}
+    options = {"backend": config.compile_backend}
     # A fresh, empty inductor cache (torch's own helper: it also clears the caches that remember the folder), so the
     # compile time is the cold one; the previous cache folder is back afterwards.
     with fresh_cache():
         data = digits(config)
-        results["image"] = _compare("image", lambda compiled: default_model(config, compile=compiled), data, steps)
+        results["image"] = _compare(
+            "image", lambda compiled: default_model(config, compile=compiled and options), data, steps
+        )
         tokens = TokenData((steps + WARMUP) * text_batch, length, text_batch)
         results["text"] = _compare(
             "text",
             lambda compiled: TextClassifier(
-                "all-minilm-l6-v2", num_classes=2, lr=1e-4, backbone_lr=1e-4, compile=compiled
+                config.text_encoder, num_classes=2, lr=1e-4, backbone_lr=1e-4, compile=compiled and options
             ),
             tokens,
             steps,
@@ -87,7 +90,7 @@ def run(context: Context, steps: int = 5, length: int = 64) -> dict:
     torch.compiler.reset()
     labels = {
         "image": f"image: {config.backbone}, {config.image_size} px, batch {image_batch}",
-        "text": f"text: all-MiniLM-L6-v2, batch {text_batch} x {length} tokens",
+        "text": f"text: {config.text_encoder}, batch {text_batch} x {length} tokens",
     }
     rows = []
     for name, r in results.items():

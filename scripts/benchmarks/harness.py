@@ -43,6 +43,8 @@ class BenchConfig:
     digits: Mapping[str, Any] = field(default_factory=dict)  # more DigitsDataModule arguments (a smaller split)
     experiment_args: tuple[str, ...] = ()  # more CLI arguments for the default experiment's end-to-end runs
     sst2: Path = SST2  # the text section's data: train.tsv and glue_dev.tsv
+    text_encoder: str = "all-minilm-l6-v2"  # the text model of the compile section (the tests: bert-tiny)
+    compile_backend: str = "inductor"  # the compile section's torch.compile backend (the tests: aot_eager, fast)
 
 
 @dataclass(frozen=True)
