@@ -93,6 +93,25 @@ class EpochSampler(DistributedSampler):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
+    # What code that meets a DistributedSampler may read of it (its __init__ would have set these).
+    shuffle, drop_last = True, False
+
+    @property
+    def rank(self) -> int:
+        return self._rank_world()[0]
+
+    @property
+    def num_replicas(self) -> int:
+        return self._rank_world()[1]
+
+    @property
+    def num_samples(self) -> int:
+        return len(self)
+
+    @property
+    def total_size(self) -> int:
+        return len(self) * self.num_replicas
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.skip = 0
