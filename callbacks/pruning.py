@@ -41,6 +41,7 @@ from typing import Literal
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
@@ -155,7 +156,7 @@ class MagnitudePruning(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if any(cls.__name__ == "ModelParallelStrategy" for cls in type(trainer.strategy).__mro__):
+        if isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
             raise ValueError(
                 "MagnitudePruning under FSDP: its masks hold whole weights while FSDP shards them; prune on one device "
                 "or under DDP"

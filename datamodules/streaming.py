@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from lightning import LightningDataModule
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.image_folder import IMAGE_EXTENSIONS, Sample, load_rgb, scan_class_folders
@@ -506,9 +507,7 @@ class StreamingImageDataModule(LightningDataModule):
         hp = self.hparams
         # FSDP's forward pass is a collective: every rank must run as many batches (see the module docstring).
         strategy = getattr(getattr(self, "trainer", None), "strategy", None)
-        sharded = type(strategy).__name__ in ("ModelParallelStrategy", "FSDP2Strategy", "FSDPStrategy") or any(
-            cls.__name__ == "ModelParallelStrategy" for cls in type(strategy).__mro__
-        )
+        sharded = isinstance(strategy, FSDPStrategy | ModelParallelStrategy)
         stream = ShardStream(self.indexes[split], eval_transform(hp.image_size), hp.batch_size, pad=sharded)
         return make_loader(stream, hp.batch_size, hp.num_workers)  # no randomness: workers may persist
 

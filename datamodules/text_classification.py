@@ -522,7 +522,7 @@ class TextClassificationDataModule(LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         hp = self.options
         dataset = self.datasets[split]
-        epoch, skip = current_epoch(self.trainer), batches_done(self.trainer)
+        sampler = None  # training without length grouping: make_loader's shuffled EpochSampler
         if train and hp.group_by_length:
             from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -530,22 +530,14 @@ class TextClassificationDataModule(LightningDataModule):
             sampler = EpochSampler(
                 len(dataset), run_seed(), order=lambda g: get_length_grouped_indices(lengths, hp.batch_size, None, g)
             )
-            return make_loader(
-                dataset,
-                hp.batch_size,
-                hp.num_workers,
-                epoch=epoch,
-                sampler=sampler,
-                skip_batches=skip,
-                collate_fn=self._collate,
-            )
         return make_loader(
             dataset,
             hp.batch_size,
             hp.num_workers,
             shuffle=train,
-            epoch=epoch,
-            skip_batches=skip,
+            epoch=current_epoch(self.trainer),
+            sampler=sampler,
+            skip_batches=batches_done(self.trainer),
             collate_fn=self._collate,
         )
 
