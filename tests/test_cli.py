@@ -158,7 +158,8 @@ def test_config_is_saved_beside_the_checkpoints_and_reruns(tmp_path: Path, monke
         ]
     )
     (batch,) = cli.trainer.predict_loop.predictions
-    assert batch["probs"].shape == (64, 10) and torch.equal(batch["pred"], batch["probs"].argmax(-1))
+    batch_size = yaml.safe_load((run / "config.yaml").read_text())["data"]["init_args"]["batch_size"]
+    assert batch["probs"].shape == (batch_size, 10) and torch.equal(batch["pred"], batch["probs"].argmax(-1))
 
 
 def test_optimizer_is_chosen_in_the_config_and_gets_the_named_groups(tmp_path: Path) -> None:

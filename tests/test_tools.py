@@ -29,8 +29,9 @@ def test_plan_prints_each_phase_with_trainable_groups_and_scheduled_lrs(tmp_path
     )
     config = config.replace("unfreeze_epoch: 1", "groups_per_epoch: 3")
     (tmp_path / "gradual.yaml").write_text(config)
-    phases = plan(["--config", str(tmp_path / "gradual.yaml"), *TINY])
-    # 6 epochs of 20 steps, warmup 10%, GradualUnfreezing from epoch 1 with 3 groups per epoch.
+    phases = plan(["--config", str(tmp_path / "gradual.yaml"), *TINY, "--data.init_args.batch_size=64"])
+    # 6 epochs of 20 steps (1,257 training images in batches of 64), warmup 10%, GradualUnfreezing from epoch 1 with 3
+    # groups per epoch.
     assert [p["epoch"] for p in phases] == [0, 1, 2]
     first, second, third = (p["groups"] for p in phases)
     assert [g for g, row in first.items() if row["trainable"]] == ["head"]

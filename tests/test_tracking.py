@@ -41,12 +41,14 @@ def tiny_run(tmp_path_factory) -> dict:
             "--trainer.log_every_n_steps=1",
         ]
         cli = main(["fit", *args])
-        first = {k: v.item() for k, v in cli.trainer.callback_metrics.items()}
         run_dir = Path(cli.trainer.log_dir).resolve()
-        best = str(Path(cli.trainer.checkpoint_callback.best_model_path).resolve())
         resumed = main(["fit", *args, "--trainer.max_epochs=3", f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"])
         assert resumed.trainer.current_epoch == 3
-    return {"root": root, "run_dir": run_dir, "best": best, "metrics": first}
+        # The best checkpoint after the resume (a better epoch replaces the first run's best) and the test metrics of
+        # that checkpoint, which the resumed fit tested.
+        best = str(Path(resumed.trainer.checkpoint_callback.best_model_path).resolve())
+        metrics = {k: v.item() for k, v in resumed.trainer.callback_metrics.items()}
+    return {"root": root, "run_dir": run_dir, "best": best, "metrics": metrics}
 
 
 def _offline_runs(root: Path) -> list[Path]:
